@@ -1,0 +1,358 @@
+"""
+The decoder-only transformer, loaded straight from Hugging Face safetensors checkpoints.
+
+Llama (2/3.x, SmolLM2), Mistral (no sliding window), Qwen2/2.5 (q/k/v bias) and Qwen3 (q/k RMSNorm)
+share one definition: token embeddings, pre-norm blocks of grouped-query attention and a SwiGLU MLP,
+a final RMSNorm and an output projection `lm_head`. Module names equal the checkpoint keys, so
+loading is a strict one-to-one copy.
+
+For the paper (arXiv 2509.03020) the model must do three things a chat model normally does not:
+- return the final-norm hidden states, not logits (the text embedding is one of them, and the
+  Stage I losses apply `lm_head` only at target positions);
+- take `inputs_embeds` (Stage I feeds an embedding back in as an input position);
+- run causal or bidirectional attention with padding on either side (one boolean).
+
+Left out on purpose: KV cache and generation, sliding-window attention, tensor parallelism.
+Shapes: B batch, T sequence, H heads, K key/value heads, D hidden size, d head size, V vocabulary.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Config, read from the checkpoint's own config.json
+
+
+@dataclass
+class ModelConfig:
+    model_type: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None = None  # only Llama-3.1's "llama3" frequency scaling is supported
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: q, k and v projections have a bias
+    o_bias: bool = False  # Llama's attention_bias also puts one on o_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before RoPE
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        def fail(key, value, accepted):
+            raise ValueError(f"{where}: unsupported {key}={value!r} (accepted: {accepted})")
+
+        mt = hf.get("model_type")
+        if mt not in ("llama", "mistral", "qwen2", "qwen3"):
+            fail("model_type", mt, "llama, mistral, qwen2, qwen3")
+        if hf.get("hidden_act", "silu") != "silu":
+            fail("hidden_act", hf["hidden_act"], "silu")
+        if hf.get("mlp_bias", False):
+            fail("mlp_bias", True, "false")
+        # sliding-window attention is only refused where it actually changes the result
+        if hf.get("use_sliding_window", mt == "mistral") and hf.get("sliding_window") is not None:
+            if mt != "mistral" or hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+                fail("sliding_window", hf["sliding_window"], "null or use_sliding_window=false")
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            fail("layer_types", sorted(set(hf["layer_types"])), "full_attention only")
+        # RoPE: classic top-level keys (hub checkpoints) or the newer rope_parameters dict
+        rope = dict(hf.get("rope_parameters") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope if rope else hf.get("rope_scaling")
+        rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            fail("rope_scaling.rope_type", rope_type, "default, llama3")
+        heads = hf["num_attention_heads"]
+        bias = hf.get("attention_bias", False)
+        return cls(
+            model_type=mt,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=dict(scaling) if rope_type == "llama3" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            qkv_bias=(mt == "qwen2") or bias,
+            o_bias=(mt != "qwen2") and bias,
+            qk_norm=(mt == "qwen3"),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that both this loader and `transformers` read back."""
+        arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+        hf = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k in ("qkv_bias", "o_bias", "qk_norm"):
+            del hf[k]
+        hf["attention_bias"] = self.o_bias or (self.qkv_bias and self.model_type != "qwen2")
+        hf.update(architectures=[arch[self.model_type] + "ForCausalLM"], hidden_act="silu")
+        return hf
+
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings (rotate-half layout, as in the HF checkpoints), always in fp32
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    if cfg.rope_scaling is None:
+        return inv_freq
+    # Llama-3.1 "llama3" scaling: slow down low frequencies, keep high ones, blend in between
+    s = cfg.rope_scaling
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    medium = (wavelen <= old_ctx / lo) & (wavelen >= old_ctx / hi)
+    return torch.where(medium, blended, out)
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, d); cos, sin (B, 1, T, d) in fp32
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# The blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, H, K, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = H, K, d
+        self.q_proj = nn.Linear(D, H * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(D, K * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(D, K * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * d, D, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # grouped-query attention: each key/value head serves H/K query heads
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask(padding_mask, causal: bool):
+    """The one place attention is masked. padding_mask (B, T), True at real tokens.
+    Returns a boolean (B, 1, T, T) mask, True where query t may attend to key s."""
+    B, T = padding_mask.shape
+    allowed = padding_mask[:, None, None, :].expand(B, 1, T, T)
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=padding_mask.device).tril()
+    # a padding query sees no real key; letting every query see itself keeps its softmax finite
+    return allowed | torch.eye(T, dtype=torch.bool, device=padding_mask.device)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers)),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.inv_freq = rope_inv_freq(cfg)  # plain fp32 tensor, not a buffer: .to(bf16) leaves it alone
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids=None, inputs_embeds=None, padding_mask=None, position_ids=None,
+                causal: bool = True):
+        """Returns the final-norm hidden states (B, T, D); `lm_head` is applied by the caller.
+        padding_mask (B, T): True/1 at real tokens, pads on either side. position_ids (B, T):
+        default counts real tokens only (0 at each row's first real token)."""
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        if padding_mask is None:
+            padding_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        padding_mask = padding_mask.bool()
+        if position_ids is None:
+            position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, d/2)
+        cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+        mask = attention_mask(padding_mask, causal)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# Loading and saving Hugging Face checkpoints
+
+
+def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
+    """Strict load of a HF checkpoint folder: config.json + model.safetensors (or shards listed
+    in model.safetensors.index.json). Tensors go straight from the file to `device` and `dtype`,
+    so the weights are never held twice."""
+    from safetensors import safe_open
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: not a model checkpoint folder")
+    with open(config_path) as f:
+        cfg = ModelConfig.from_hf(json.load(f), where=config_path)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        shards = ["model.safetensors"]
+    for s in shards:
+        if not os.path.isfile(os.path.join(path, s)):
+            raise FileNotFoundError(f"{os.path.join(path, s)} not found (weights missing or partial)")
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    params = dict(model.named_parameters())
+    seen = set()
+    for s in shards:
+        with safe_open(os.path.join(path, s), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                    continue  # recomputed / tied: the two explicit exceptions
+                if key not in expected:
+                    raise KeyError(f"{os.path.join(path, s)}: unexpected tensor {key!r}")
+                t = f.get_tensor(key)
+                if t.shape != expected[key].shape:
+                    raise ValueError(f"{os.path.join(path, s)}: {key} has shape {tuple(t.shape)}, "
+                                     f"config.json implies {tuple(expected[key].shape)}")
+                module_name, _, attr = key.rpartition(".")
+                module = model.get_submodule(module_name)
+                setattr(module, attr, nn.Parameter(t.to(dtype), requires_grad=params[key].requires_grad))
+                seen.add(key)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[:3]}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def save_model(model: Transformer, path: str):
+    """Writes model.safetensors (HF key names) and config.json into `path`."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    sd = model.state_dict()
+    if model.config.tie_word_embeddings:
+        del sd["lm_head.weight"]
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    hf = model.config.to_hf()
+    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def load_tokenizer(path: str):
+    """Returns (tokenizers.Tokenizer, eos_ids): every end-of-sequence / end-of-turn token id the
+    checkpoint's config files declare, in the order generation_config, config, tokenizer_config."""
+    from tokenizers import Tokenizer
+
+    tok_path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{tok_path} not found (a tokenizers-format tokenizer is required)")
+    tok = Tokenizer.from_file(tok_path)
+    eos_ids = []
+    for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            continue
+        with open(p) as f:
+            value = json.load(f).get("eos_token" if name == "tokenizer_config.json" else "eos_token_id")
+        if isinstance(value, dict):  # {"content": "</s>", ...} in older tokenizer configs
+            value = value.get("content")
+        if isinstance(value, str):
+            value = tok.token_to_id(value)
+        for i in value if isinstance(value, list) else [value]:
+            if isinstance(i, int) and 0 <= i < tok.get_vocab_size() and i not in eos_ids:
+                eos_ids.append(i)
+    if not eos_ids:
+        raise ValueError(f"{path}: no usable eos_token_id in generation_config.json, config.json "
+                         "or eos_token in tokenizer_config.json (an embedder pools at the EOS token)")
+    return tok, eos_ids
