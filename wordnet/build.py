@@ -34,7 +34,7 @@ Synset = collections.namedtuple("Synset", "key lemmas definition examples")
 
 
 def split_gloss(gloss):
-    """'def; "ex one"; "ex two"- Author' -> ('def', ['ex one', 'ex two']). Tolerates stray quotes."""
+    """'def; "ex one"; "ex two"- Author' -> ('def', ['ex one', 'ex two']), despite stray quotes."""
     definition, quote, rest = gloss.partition('"')
     examples = []
     # a new example starts where a semicolon touches a quote; semicolons inside an example stay
@@ -75,8 +75,10 @@ def write_jsonl(path, rows):
 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-parser.add_argument("--wordnet-dir", default="/usr/share/wordnet", help="folder with data.noun etc.")
-parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)), help="output folder")
+parser.add_argument("--wordnet-dir", default="/usr/share/wordnet",
+                    help="WordNet dictionary folder, the one holding data.noun")
+parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file__)),
+                    help="where train/ and test/ are written (default: this file's folder)")
 args = parser.parse_args()
 
 synsets = {s.key: s for s in read_synsets(args.wordnet_dir)}
@@ -123,7 +125,8 @@ for s in synsets.values():
             continue
         seen.add((e, text[s.key]))
         train.append({"query": e, "positive": text[s.key], "negative": text[rng.choice(negatives)]})
-assert not set(queries) & {r["query"] for r in train} and not set(positives) & {r["positive"] for r in train}
+assert not set(queries) & {r["query"] for r in train}
+assert not set(positives) & {r["positive"] for r in train}
 
 # test corpus: the held-out glosses plus every other sense of their lemmas, capped at MAX_DOCS
 distractors = sorted({text[k] for s in test for k in other_senses(s, s.lemmas)} - set(positives))
@@ -147,4 +150,4 @@ print(f"synsets read     {len(synsets):,}")
 print(f"usage examples   {sum(len(s.examples) for s in synsets.values()):,}")
 print(f"train pairs      {len(train):,}")
 print(f"test queries     {len(queries):,}")
-print(f"test corpus      {len(documents):,} ({len(positives)} relevant, {len(documents) - len(positives)} distractors)")
+print(f"test corpus      {len(documents):,} ({len(documents) - len(positives):,} distractors)")
