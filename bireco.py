@@ -1,0 +1,160 @@
+"""
+The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction losses
+(EBQ2D and EBD2Q) and the Stage II contrastive loss.
+
+- Embedding E(text): the final-norm hidden state at the text's last token, the EOS / end-of-turn
+  token that data.TextFormat appends (last-token pooling; mean pooling only for ablations).
+- Stage I (EBQ2D: query -> document, EBD2Q: document -> query): the anchor embedding E(x) is fed
+  back into the same LLM as one input embedding directly before the other side's tokens
+  y_1..y_n, at position 0, whatever the padding. The anchor position predicts y_1, position k
+  predicts y_(k+1): teacher-forced next-token prediction of the content tokens only. Logits are
+  computed only at those n positions and in chunks, never for the whole (B, T, V) block.
+  Gradients flow through the anchor into the pass that produced it.
+- Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
+  all positives and hard negatives of the batch.
+- A diagnostic the paper has no name for: the target loss given the true anchor versus a
+  shuffled anchor from another pair, i.e. how much the [EOS] vector says about the other side.
+
+Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a batch.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data import Pair, TextFormat, pad
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# Embeddings
+
+
+def pool(hidden, mask, pooling: str = "last"):
+    """hidden (B, T, D), mask (B, T) True at real tokens, padding on either side -> (B, D)."""
+    if pooling == "mean":
+        m = mask[..., None].to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1)
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last real index
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def embed(model: Transformer, ids, mask, eos_id: int | None = None, pooling: str = "last"):
+    """E(text) for a padded batch: ids, mask (B, T) -> (B, D), differentiable."""
+    ids, mask = ids.to(model.lm_head.weight.device), mask.to(model.lm_head.weight.device)
+    if eos_id is not None and pooling == "last":  # cheap guard: the pooled token must be the EOS
+        last = pool(ids[..., None], mask)[:, 0]
+        assert (last == eos_id).all(), f"pooled token ids {last.tolist()} are not EOS {eos_id}"
+    return pool(model(ids, padding_mask=mask), mask, pooling)
+
+
+def embed_texts(model, fmt: TextFormat, items: list[tuple[str | None, str]], pooling="last"):
+    """E(text) for (instruction, text) pairs (instruction None for documents): (B, D), differentiable."""
+    ids, mask = pad([fmt.embed_ids(text, instruction) for instruction, text in items], fmt.pad_id)
+    return embed(model, ids, mask, fmt.eos_id, pooling)
+
+
+class Embedder:
+    """Inference-time text embedder: encode(texts) -> (N, D) float32 numpy array."""
+
+    def __init__(self, model: Transformer, fmt: TextFormat, pooling: str = "last", normalize: bool = True):
+        self.model, self.fmt, self.pooling, self.normalize = model.eval(), fmt, pooling, normalize
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
+               progress: bool = False) -> np.ndarray:
+        seqs = [self.fmt.embed_ids(t, instruction) for t in texts]
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # length-sorted: little padding
+        starts = range(0, len(seqs), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="encoding", unit="batch")
+        out = np.zeros((len(seqs), self.model.config.hidden_size), dtype=np.float32)
+        for s in starts:
+            rows = order[s:s + batch_size]
+            ids, mask = pad([seqs[i] for i in rows], self.fmt.pad_id)
+            e = embed(self.model, ids, mask, self.fmt.eos_id, self.pooling).float()
+            if self.normalize:
+                e = F.normalize(e, dim=-1)
+            out[rows] = e.cpu().numpy()
+        return out
+
+
+# -----------------------------------------------------------------------------
+# Stage I: embedding-based reconstruction (EBQ2D, EBD2Q)
+
+
+def _ce_sum(h, y, weight):
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+def target_cross_entropy(model: Transformer, h, y, chunk: int = 1024):
+    """Summed cross-entropy of hidden states h (N, D) against token ids y (N,). lm_head runs on
+    `chunk` rows at a time and each chunk's (chunk, V) logits are recomputed in backward rather
+    than stored, so memory never holds more than one chunk of logits."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_ce_sum, h[i:i + chunk], y[i:i + chunk], model.lm_head.weight,
+                                       use_reentrant=False)
+        else:
+            total = total + _ce_sum(h[i:i + chunk], y[i:i + chunk], model.lm_head.weight)
+    return total
+
+
+def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int = 1024):
+    """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
+
+    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n).
+    Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; input position k predicts y_(k+1)."""
+    device = model.lm_head.weight.device
+    targets, mask = targets.to(device), mask.to(device)
+    tok = model.model.embed_tokens(targets[:, :-1])  # (B, n-1, D)
+    x = torch.cat([anchor[:, None, :].to(tok.dtype), tok], dim=1)  # (B, n, D)
+    h = model(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
+    return target_cross_entropy(model, h[mask], targets[mask], chunk) / mask.sum()
+
+
+def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int = 1024):
+    """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
+    positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction)."""
+    anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
+    return reconstruction_loss(model, anchor, targets, mask, chunk), int(mask.sum())
+
+
+def _stage1_inputs(model, fmt, pairs, task):
+    if task == "q2d":
+        anchor = embed_texts(model, fmt, [(p.instruction, p.query) for p in pairs])
+        targets, mask = pad([fmt.target_ids(p.positive) for p in pairs], fmt.pad_id)
+    elif task == "d2q":
+        anchor = embed_texts(model, fmt, [(None, p.positive) for p in pairs])
+        targets, mask = pad([fmt.target_ids(p.query) for p in pairs], fmt.pad_id)
+    else:
+        raise ValueError(f"unknown Stage I task {task!r} (q2d or d2q)")
+    return anchor, targets, mask
+
+
+@torch.no_grad()
+def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q"):
+    """Diagnostic: target loss per token given the true anchor vs given another pair's anchor
+    (anchors rolled by one). A large gap means the [EOS] vector carries the other side's content."""
+    anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
+    true = reconstruction_loss(model, anchor, targets, mask).item()
+    shuffled = reconstruction_loss(model, anchor.roll(1, dims=0), targets, mask).item()
+    return true, shuffled
+
+
+# -----------------------------------------------------------------------------
+# Stage II: contrastive learning
+
+
+def contrastive_loss(q, p, n=None, temperature: float = 0.02):
+    """InfoNCE over cosine similarity. q, p (B, D); n (B', D) hard negatives or None.
+    Query i's candidates are all B positives and all B' negatives; its target is p_i.
+    Returns (loss, negatives per query = B - 1 + B')."""
+    q, cands = F.normalize(q.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    if n is not None:
+        cands = torch.cat([cands, F.normalize(n.float(), dim=-1)])
+    scores = q @ cands.T / temperature  # (B, B + B')
+    labels = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(scores, labels), cands.shape[0] - 1

@@ -1,0 +1,226 @@
+"""
+Training data: (query, positive, negative) pairs, how texts become token ids, and batching.
+
+- Files: a folder of JSONL files (optionally .jsonl.gz), one per source dataset, each line
+  {"query": ..., "positive": ..., "negative": ...} as in the E5 data curated by the
+  echo-embeddings authors (PAPER.md, "Data"). "negative" is optional for Stage I. Queries get the
+  E5-Mistral instruction of their dataset (built in below) or a per-line "instruction" field.
+- Texts: an (instruction, text) pair becomes one user turn of the model's own chat format,
+  "Instruct: {instruction}\\nQuery: {text}" for queries and "{text}" for documents, always ending
+  in the model's end-of-turn / EOS token, whose final hidden state is the embedding. Long texts
+  lose tokens from the end of the text, never the EOS.
+- Batches: every batch comes from a single source dataset (in-batch negatives stay in-domain),
+  shuffled from a seed; the position in the stream is a small dict that a checkpoint stores.
+- Stage I task schedule: whole batches alternate between EBD2Q and EBQ2D in a fixed pattern whose
+  ratio equals the task weights (paper default 0.8 : 0.2, i.e. 4 EBD2Q batches, then 1 EBQ2D).
+"""
+
+import gzip
+import json
+import os
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+# E5-Mistral style query instructions for the echo-embeddings training files (the file stem is
+# the key). allnli and quora_duplicates alternate between two instructions, line by line.
+INSTRUCTIONS = {
+    "allnli": ["Given a premise, retrieve a hypothesis that is entailed by the premise",
+               "Retrieve semantically similar text"],
+    "dureader": "Given a Chinese search query, retrieve web passages that answer the question",
+    "eli5_question_answer": "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum",
+    "fever": "Given a claim, retrieve documents that support or refute the claim",
+    "hotpot_qa": "Given a multi-hop question, retrieve documents that can help answer the question",
+    "miracl": "Given a question, retrieve Wikipedia passages that answer the question",
+    "mrtydi": "Given a question, retrieve Wikipedia passages that answer the question",
+    "msmarco_passage": "Given a web search query, retrieve relevant passages that answer the query",
+    "msmarco_document": "Given a web search query, retrieve relevant documents that answer the query",
+    "nq": "Given a question, retrieve Wikipedia passages that answer the question",
+    "quora_duplicates": ["Given a question, retrieve questions that are semantically equivalent to the given question",
+                         "Find questions that have the same meaning as the input question"],
+    "squad": "Retrieve Wikipedia passages that answer the question",
+    "t2ranking": "Given a Chinese search query, retrieve web passages that answer the question",
+    "trivia_qa": "Retrieve Wikipedia passages that answer the question",
+    # the bundled default data (wordnet/): usage example -> gloss of its sense
+    "wordnet": "Given a sentence that uses a word, retrieve the dictionary definition of that sense of the word",
+}
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file and line."""
+
+
+@dataclass
+class Pair:
+    query: str
+    positive: str
+    negative: str | None
+    instruction: str
+
+
+def read_jsonl(path: str):
+    """Yields (line_number, dict) from a .jsonl or .jsonl.gz file, naming the line on bad input."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                yield n, row
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def load_pairs(folder: str, need_negative: bool = False) -> dict[str, list[Pair]]:
+    """Reads every *.jsonl / *.jsonl.gz file of `folder`; returns {dataset name: pairs}."""
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: no such data folder")
+    files = sorted(f for f in os.listdir(folder) if f.endswith((".jsonl", ".jsonl.gz")))
+    if not files:
+        raise DataError(f"{folder}: no .jsonl or .jsonl.gz files in this folder")
+    required = ("query", "positive", "negative") if need_negative else ("query", "positive")
+    data = {}
+    for file in files:
+        path, name = os.path.join(folder, file), file.split(".")[0]
+        pairs = []
+        for n, row in read_jsonl(path):
+            for key in ("query", "positive", "negative", "instruction"):
+                if row.get(key) is None:
+                    if key in required:
+                        raise DataError(f"{path}:{n}: missing field {key!r} (each line needs "
+                                        f"{', '.join(required)})")
+                elif not isinstance(row[key], str) or not row[key].strip():
+                    raise DataError(f"{path}:{n}: field {key!r} is empty or not a string")
+            instruction = row.get("instruction") or INSTRUCTIONS.get(name)
+            if instruction is None:
+                raise DataError(f"{path}:{n}: no instruction for dataset {name!r}: add an "
+                                f"\"instruction\" field or use one of {sorted(INSTRUCTIONS)}")
+            if isinstance(instruction, list):
+                instruction = instruction[len(pairs) % len(instruction)]
+            pairs.append(Pair(row["query"], row["positive"], row.get("negative"), instruction))
+        if not pairs:
+            raise DataError(f"{path}: file holds no pairs")
+        data[name] = pairs
+    return data
+
+
+# -----------------------------------------------------------------------------
+# Texts to token ids
+
+
+class TextFormat:
+    """Turns (instruction, text) pairs into token ids the same way everywhere.
+
+    Embedding input: [begin-of-text] [user-turn opening] ["Instruct: {instruction}\\nQuery: "] text EOS
+    Reconstruction target: the text's own tokens only (Stage I predicts content, not templates).
+    The chat format is recognised from the vocabulary: ChatML (Qwen, SmolLM2) or Llama-3 headers;
+    any other tokenizer gets the plain text followed by its EOS."""
+
+    def __init__(self, tokenizer, eos_ids: list[int], max_length: int = 512):
+        self.tok, self.max_length = tokenizer, max_length
+        has = lambda *ts: all(tokenizer.token_to_id(t) is not None for t in ts)
+        if has("<|im_start|>", "<|im_end|>"):
+            opening, self.eos_id = "<|im_start|>user\n", tokenizer.token_to_id("<|im_end|>")
+        elif has("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+            opening = "<|start_header_id|>user<|end_header_id|>\n\n"
+            self.eos_id = tokenizer.token_to_id("<|eot_id|>")
+        else:
+            opening, self.eos_id = "", eos_ids[0]
+        begin = tokenizer.encode("", add_special_tokens=True).ids  # e.g. Llama-3's <|begin_of_text|>
+        self.head = begin + self.ids(opening)
+        self.pad_id = self.eos_id  # pads are masked out; any valid id does
+        self.truncated = 0  # texts shortened to fit max_length, reported by the caller
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def _fit(self, ids: list[int], room: int) -> list[int]:
+        if len(ids) > room:
+            self.truncated += 1
+            return ids[:room]
+        return ids
+
+    def embed_ids(self, text: str, instruction: str | None = None) -> list[int]:
+        head = self.head + (self.ids(f"Instruct: {instruction}\nQuery: ") if instruction else [])
+        return head + self._fit(self.ids(text), self.max_length - len(head) - 1) + [self.eos_id]
+
+    def target_ids(self, text: str) -> list[int]:
+        return self._fit(self.ids(text), self.max_length - 1)  # the anchor takes one position
+
+
+def pad(seqs: list[list[int]], pad_id: int):
+    """Right-pads to the longest sequence: ids (B, T) long, mask (B, T) bool."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = True
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Batches and the Stage I task schedule
+
+
+class Batches:
+    """An endless, resumable stream of batches, each drawn from one source dataset.
+
+    Each epoch shuffles every dataset's pairs, cuts them into full batches, and shuffles the batches
+    of all datasets together (so datasets are visited in proportion to their size)."""
+
+    def __init__(self, data: dict[str, list[Pair]], batch_size: int, seed: int = 0):
+        small = {k: len(v) for k, v in data.items() if len(v) < batch_size}
+        if small:
+            raise DataError(f"datasets smaller than one batch of {batch_size}: {small}; "
+                            "lower --batch-size or add data")
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.epoch, self.index = 0, 0
+        self.plan = self._plan()
+
+    def _plan(self):
+        rng = random.Random(self.seed * 100003 + self.epoch)
+        plan = []
+        for name in sorted(self.data):
+            order = list(range(len(self.data[name])))
+            rng.shuffle(order)
+            plan += [(name, order[i:i + self.batch_size])
+                     for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+        rng.shuffle(plan)
+        return plan
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[str, list[Pair]]:
+        if self.index == len(self.plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.plan = self._plan()
+        name, rows = self.plan[self.index]
+        self.index += 1
+        return name, [self.data[name][i] for i in rows]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict):
+        self.epoch, self.index = state["epoch"], state["index"]
+        self.plan = self._plan()
+
+
+def stage1_task(step: int, w_d2q: float, w_q2d: float) -> str:
+    """The task of Stage I batch `step` under interleaving: "d2q" (EBD2Q) or "q2d" (EBQ2D).
+
+    A pure function of the step, spread evenly: with p = w_q2d / (w_d2q + w_q2d) as a fraction,
+    batch `step` is EBQ2D exactly when floor((step + 1) p) > floor(step p). For 0.8 : 0.2, p = 1/5
+    and the pattern is d2q d2q d2q d2q q2d, repeated."""
+    p = Fraction(w_q2d / (w_d2q + w_q2d)).limit_denominator(100)
+    return "q2d" if (step + 1) * p // 1 > step * p // 1 else "d2q"
