@@ -313,12 +313,13 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
     return model
 
 
-def save_model(model: Transformer, path: str):
-    """Writes model.safetensors (HF key names) and config.json into `path`."""
+def save_model(model: Transformer, path: str, state_dict: dict | None = None):
+    """Writes model.safetensors (HF key names) and config.json into `path`. `state_dict` replaces
+    the model's own (e.g. LoRA adapters merged into the weights)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    sd = model.state_dict()
+    sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         del sd["lm_head.weight"]
     sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}

@@ -1,0 +1,374 @@
+"""
+The two training stages of arXiv 2509.03020, one linear loop.
+
+  python train.py --stage recon                      # Stage I: EBQ2D + EBD2Q, full fine-tune
+  python train.py --stage contrastive --model DIR    # Stage II: InfoNCE with LoRA (from Stage I)
+  python train.py --stage contrastive                # the paper's baseline: Stage II on the base model
+
+Stage I interleaves whole batches of EBD2Q and EBQ2D at the ratio of the task weights (or sums
+both losses on every batch with --mode sum, as the official code does). Stage II embeds the
+whole contrastive batch in chunks without autograd, takes the loss and its gradient with respect
+to the embeddings, then re-runs each chunk with autograd and back-propagates that gradient
+(a cached step), so one device holds the paper's large batch of in-batch negatives.
+
+Every checkpoint is a plain model folder (HF-named safetensors, config.json, tokenizer files,
+meta.json) that model.load_model, eval.py and transformers read; LoRA is merged on save.
+Checkpoints are written to a new folder and then published by an atomic rename of the
+`latest` link, so a kill mid-save leaves the previous checkpoint intact.
+Left out: multi-GPU (negatives gathered across devices), mixed-precision master weights other than
+fp32 + autocast, dataloader worker processes.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from bireco import contrastive_loss, embed_texts, stage1_loss
+from data import Batches, DataError, TextFormat, load_pairs, stage1_task
+from model import load_model, load_tokenizer, save_model
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Per-stage defaults (paper, PAPER.md), sized down where the paper's scale cannot run on a CPU:
+# Stage I is a full fine-tune; Stage II trains LoRA adapters on q,k,v,o,gate,up,down.
+STAGE_DEFAULTS = {
+    "recon": dict(lr=4e-5, warmup=30, steps=300, batch_size=16, lora_rank=0),
+    "contrastive": dict(lr=2e-4, warmup=30, steps=300, batch_size=32, lora_rank=16),
+}
+# the paper: 2,000 Stage I steps and 300 warmup steps at global batch 512-1024 (see README)
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--stage", choices=["recon", "contrastive"],
+                    help="recon = Stage I (EBQ2D/EBD2Q reconstruction), contrastive = Stage II; "
+                    "required unless --resume")
+parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: "
+                    "the embedded SmolLM2-135M-Instruct, converted on first use")
+parser.add_argument("--data", default=os.path.join(HERE, "wordnet", "train"),
+                    help="folder of JSONL files {query, positive, negative}, one per source dataset")
+parser.add_argument("--out", default=None, help="run folder; default out/<stage>-<model>-<date-time>")
+parser.add_argument("--resume", default=None, help="continue the run in this folder from its latest checkpoint")
+parser.add_argument("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
+parser.add_argument("--steps", type=int, default=None, help="optimizer steps (stage default)")
+parser.add_argument("--stop-after", type=int, default=None,
+                    help="stop with a checkpoint after this many steps of this invocation; continue with --resume")
+parser.add_argument("--batch-size", type=int, default=None,
+                    help="pairs per batch (stage default); also the contrastive negative pool")
+parser.add_argument("--grad-accum", type=int, default=1,
+                    help="batches per optimizer step (does NOT enlarge the in-batch negative pool)")
+parser.add_argument("--lr", type=float, default=None, help="peak learning rate (stage default)")
+parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps, then linear decay to 0")
+parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+parser.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
+parser.add_argument("--task-weights", type=float, nargs=2, default=[0.8, 0.2], metavar=("D2Q", "Q2D"),
+                    help="Stage I weights of EBD2Q and EBQ2D; 1 0 = EBD2Q only, 0 1 = EBQ2D only")
+parser.add_argument("--mode", choices=["interleave", "sum"], default="interleave",
+                    help="Stage I: one task per batch at the weights' ratio, or both weighted on every batch")
+parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
+parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
+parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
+parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
+parser.add_argument("--chunk", type=int, default=64, help="texts per forward pass in the cached contrastive step")
+parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="compute dtype (autocast); weights and optimizer state stay fp32")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+
+# -----------------------------------------------------------------------------
+# LoRA: W x + (alpha / r) B A dropout(x), B initialised to zero so training starts at the base model
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def merged_weight(self):
+        return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
+
+
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def add_lora(model, rank, alpha, dropout):
+    model.requires_grad_(False)
+    for layer in model.model.layers:
+        for target in LORA_TARGETS:
+            parent, name = target.split(".")
+            owner = getattr(layer, parent)
+            setattr(owner, name, LoRALinear(getattr(owner, name), rank, alpha, dropout))
+
+
+def merged_state_dict(model):
+    """The model's weights with every LoRA adapter folded in, under the plain HF key names."""
+    sd = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            del sd[f"{name}.base.weight"]
+            sd[f"{name}.weight"] = m.merged_weight().detach()
+            if m.base.bias is not None:
+                sd[f"{name}.bias"] = sd.pop(f"{name}.base.bias")
+    return sd
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def save_checkpoint(run, model, opt, batches, step, args, base_model):
+    """Writes <run>/step-NNNNNN completely, then atomically points <run>/latest at it."""
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(run, name), os.path.join(run, f".{name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
+    trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
+    save_model(model, tmp, merged_state_dict(model))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(base_model, f)):
+            shutil.copy(os.path.join(base_model, f), tmp)
+    torch.save(dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable,
+                    rng=(random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
+               os.path.join(tmp, "train_state.pt"))
+    meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
+                base_model=os.path.abspath(base_model), data=os.path.abspath(args.data),
+                training_datasets=sorted(batches.data), git_commit=git_commit(), args=vars(args))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    link = os.path.join(run, ".latest.tmp")
+    if os.path.lexists(link):
+        os.remove(link)
+    os.symlink(name, link)
+    latest = os.path.join(run, "latest")
+    previous = os.readlink(latest) if os.path.islink(latest) else None
+    os.replace(link, latest)  # the commit point: before it the old checkpoint, after it the new one
+    if previous not in (None, name):
+        shutil.rmtree(os.path.join(run, previous), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run):
+    path = os.path.join(run, "latest")
+    if not os.path.isfile(os.path.join(path, "train_state.pt")):
+        sys.exit(f"error: {run} holds no checkpoint to resume from (no {path}/train_state.pt)")
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Steps
+
+
+def lr_at(step, args):
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
+
+
+def recon_step(model, fmt, batch, micro, args, ctx):
+    """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)})."""
+    w = dict(d2q=args.task_weights[0], q2d=args.task_weights[1])
+    if args.mode == "interleave":
+        tasks = [stage1_task(micro, w["d2q"], w["q2d"])]
+        weights = {tasks[0]: 1.0}
+    else:
+        tasks = [t for t in ("d2q", "q2d") if w[t] > 0]
+        weights = w
+    total, logs = 0.0, {}
+    for task in tasks:
+        with ctx:
+            loss, n_tok = stage1_loss(model, fmt, batch, task)
+        total = total + weights[task] * loss
+        logs[task] = (loss.item(), n_tok)
+    return total, logs
+
+
+def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
+    """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives)."""
+    items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
+             + [(None, p.negative) for p in batch if p.negative is not None])
+    B, chunks = len(batch), [items[i:i + args.chunk] for i in range(0, len(items), args.chunk)]
+    rng, reps = [], []
+    with torch.no_grad():  # pass 1: every embedding, no activations kept
+        for c in chunks:
+            rng.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+            with ctx:
+                reps.append(embed_texts(model, fmt, c).float())
+    reps = torch.cat(reps).requires_grad_()
+    n = reps[2 * B:] if len(items) > 2 * B else None
+    loss, negatives = contrastive_loss(reps[:B], reps[B:2 * B], n, args.temperature)
+    (loss * scale).backward()  # d loss / d embeddings, (3B, D)
+    for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split(args.chunk)):
+        torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with ctx:
+            e = embed_texts(model, fmt, c).float()
+        e.backward(g)  # pass 2: re-run the chunk with autograd, inject the cached gradient
+    return loss.item(), negatives
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if not (args.stage or args.resume):
+        parser.error("--stage is required (or --resume RUN to continue a run)")
+    resume_from = None
+    if args.resume:
+        resume_from = latest_checkpoint(args.resume)
+        with open(os.path.join(resume_from, "meta.json")) as f:
+            saved = json.load(f)["args"]
+        stop_after = args.stop_after
+        args = argparse.Namespace(**{**saved, "resume": args.resume, "stop_after": stop_after})
+    else:
+        for k, v in STAGE_DEFAULTS[args.stage].items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+        if args.model is None:
+            from model import default_model_dir
+            args.model = default_model_dir()
+        name = os.path.basename(os.path.normpath(args.model))
+        args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if os.path.lexists(os.path.join(args.out, "latest")) and not args.overwrite:
+            sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
+                     "or --overwrite to replace it")
+    run = args.resume or args.out
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = torch.device(args.device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    print("config:", json.dumps(vars(args), sort_keys=True))
+
+    try:
+        data = load_pairs(args.data, need_negative=args.stage == "contrastive")
+        batches = Batches(data, args.batch_size, args.seed)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    try:
+        if resume_from and args.lora_rank == 0:
+            model = load_model(resume_from, device=device)
+        else:
+            model = load_model(args.model, device=device)
+        tok, eos_ids = load_tokenizer(args.model)
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: {e}")
+    fmt = TextFormat(tok, eos_ids, args.max_length)
+    if args.lora_rank > 0:
+        add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    model.gradient_checkpointing = args.grad_ckpt
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    step = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "train_state.pt"), map_location=device, weights_only=False)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for k, v in state["trainable"].items():
+                named[k].copy_(v)
+        opt.load_state_dict(state["opt"])
+        batches.load_state_dict(state["data"])
+        py_rng, np_rng, torch_rng, cuda_rng = state["rng"]
+        random.setstate(py_rng)
+        np.random.set_state(np_rng)
+        torch.set_rng_state(torch_rng.cpu())
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
+        with open(os.path.join(resume_from, "meta.json")) as f:
+            step = json.load(f)["step"]
+        print(f"resumed {run} at step {step}/{args.steps}")
+    n_train = sum(p.numel() for p in params)
+    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{n_train / 1e6:.2f}M trained | data {sum(map(len, data.values()))} pairs in {len(data)} "
+          f"datasets | batch {args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}")
+
+    # Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once
+    stop = []
+    def on_sigint(sig, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(sig)
+        print("\ninterrupt: finishing this step, then saving (Ctrl-C again to abort without saving)")
+    signal.signal(signal.SIGINT, on_sigint)
+
+    start_step = first = step
+    t0, window = time.time(), {}
+    last_saved = resume_from
+    while step < args.steps:
+        lr = lr_at(step, args)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for micro in range(args.grad_accum):
+            _, batch = next(batches)
+            if args.stage == "recon":
+                loss, logs = recon_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
+                (loss / args.grad_accum).backward()
+            else:
+                value, negatives = contrastive_step(model, fmt, batch, args, ctx, 1 / args.grad_accum)
+                logs = {"loss": (value, len(batch))}
+            for k, (v, n) in logs.items():
+                window.setdefault(k, []).append(v)
+                if not math.isfinite(v):
+                    sys.exit(f"error: non-finite {k} loss ({v}) at step {step + 1}; stopping. Last good "
+                             f"checkpoint: {last_saved or 'none yet'}")
+            window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
+                                                             for t in (p.query, p.positive))
+        torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            dt = time.time() - t0
+            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items() if k != "tokens")
+            extra = f" | negatives/query {negatives}" if args.stage == "contrastive" else ""
+            eta = dt / (step - first) * (args.steps - step)
+            print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {window['tokens'] / dt:.0f} tok/s"
+                  f"{extra} | eta {eta / 60:.1f} min", flush=True)
+            window, t0, first = {}, time.time(), step
+        done_here = args.stop_after is not None and step - start_step >= args.stop_after
+        if step % args.save_every == 0 or step == args.steps or stop or done_here:
+            last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model)
+            print(f"saved {last_saved}")
+        if stop or done_here:
+            break
+    print(f"done: {os.path.join(run, 'latest')} (step {step}/{args.steps})")
+
+
+if __name__ == "__main__":
+    main()
