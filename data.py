@@ -150,6 +150,9 @@ class TextFormat:
 
     def embed_ids(self, text: str, instruction: str | None = None) -> list[int]:
         head = self.head + (self.ids(f"Instruct: {instruction}\nQuery: ") if instruction else [])
+        if len(head) + 2 > self.max_length:  # else a negative room would cut from the wrong end
+            raise ValueError(f"max_length={self.max_length} leaves no room for text after the "
+                             f"{len(head)}-token template and instruction {instruction!r}")
         return head + self._fit(self.ids(text), self.max_length - len(head) - 1) + [self.eos_id]
 
     def target_ids(self, text: str) -> list[int]:

@@ -259,7 +259,7 @@ def main(argv=None):
             if getattr(args, k) is None:
                 setattr(args, k, v)
         if args.model is None:
-            from model import default_model_dir
+            from smollm2 import default_model_dir
             args.model = default_model_dir()
         name = os.path.basename(os.path.normpath(args.model))
         args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")

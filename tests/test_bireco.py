@@ -1,0 +1,296 @@
+"""bireco.py against hand computations on the tiny fp32 model: [EOS] pooling under any padding,
+the Stage I reconstruction loss and its gradient path, the Stage II contrastive loss, the
+reconstruction gap diagnostic and the inference Embedder."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import wordnet_rows
+
+import bireco
+from data import Pair, TextFormat, pad
+from model import load_model, load_tokenizer
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return load_model(tiny_model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_model_dir):
+    tok, eos_ids = load_tokenizer(tiny_model_dir)
+    return TextFormat(tok, eos_ids)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return wordnet_rows(8)
+
+
+def alone(model, ids):
+    """Final hidden states of one unpadded sequence, no mask at all: (T, D)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0]
+
+
+def left_pad(seqs, pad_id):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = True
+    return ids, mask
+
+
+# -----------------------------------------------------------------------------
+# Embeddings
+
+
+def test_pooling_ignores_padding_and_batch(model, fmt, rows):
+    """E(text) is the same alone, in a batch of longer texts, left- or right-padded."""
+    short = fmt.embed_ids(rows[2]["query"])
+    longer = [fmt.embed_ids(r["positive"]) for r in rows[:3]] + [fmt.embed_ids(rows[3]["negative"])]
+    assert all(len(s) > len(short) + 5 for s in longer)
+    want = alone(model, short)[-1]
+    seqs = longer[:2] + [short] + longer[2:]
+    with torch.no_grad():
+        for ids, mask in (pad(seqs, fmt.pad_id), left_pad(seqs, fmt.pad_id)):
+            e = bireco.embed(model, ids, mask, fmt.eos_id)
+            torch.testing.assert_close(e[2], want, **TOL)
+            for i, s in enumerate(seqs):  # every row, not only the short one
+                torch.testing.assert_close(e[i], alone(model, s)[-1], **TOL)
+    emb = bireco.Embedder(model, fmt, normalize=False)
+    texts = [rows[0]["positive"], rows[2]["query"], rows[1]["negative"]]
+    np.testing.assert_allclose(emb.encode(texts)[1], emb.encode([rows[2]["query"]])[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(emb.encode([rows[2]["query"]])[0], want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_embed_refuses_a_non_eos_last_token(model, fmt):
+    """The EOS guard catches ids whose last real token is not the EOS."""
+    ids, mask = pad([fmt.ids("no end of turn here")], fmt.pad_id)
+    with pytest.raises(AssertionError, match="not EOS"):
+        bireco.embed(model, ids, mask, fmt.eos_id)
+
+
+def test_mean_pooling_is_a_masked_mean(model, fmt, rows):
+    """The mean-pooling ablation averages each text's real positions only, as run alone."""
+    seqs = [fmt.embed_ids(r["query"]) for r in rows[:4]]
+    with torch.no_grad():
+        for ids, mask in (pad(seqs, fmt.pad_id), left_pad(seqs, fmt.pad_id)):
+            e = bireco.embed(model, ids, mask, pooling="mean")
+            for i, s in enumerate(seqs):
+                torch.testing.assert_close(e[i], alone(model, s).mean(0), **TOL)
+
+
+def test_embedder_shape_order_and_norm(model, fmt, rows):
+    """encode returns float32 (N, D) in input order despite length sorting; normalize=True
+    gives unit rows equal to the normalised one-by-one embeddings."""
+    texts = [r[k] for r in rows[:4] for k in ("query", "positive")]  # lengths not sorted
+    raw = bireco.Embedder(model, fmt, normalize=False)
+    one_by_one = np.concatenate([raw.encode([t]) for t in texts])
+    out = raw.encode(texts, batch_size=3)
+    assert out.dtype == np.float32 and out.shape == (len(texts), model.config.hidden_size)
+    np.testing.assert_allclose(out, one_by_one, rtol=1e-5, atol=1e-5)
+    unit = bireco.Embedder(model, fmt, normalize=True).encode(texts, batch_size=3)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(unit, one_by_one / np.linalg.norm(one_by_one, axis=1, keepdims=True),
+                               rtol=1e-5, atol=1e-5)
+    instructed = raw.encode(texts[:2], instruction="Find the definition")
+    assert not np.allclose(instructed, out[:2], atol=1e-3)  # the instruction reaches the model
+
+
+# -----------------------------------------------------------------------------
+# Stage I: reconstruction loss
+
+
+def hand_loss_sum(model, anchor, y):
+    """Summed next-token cross-entropy of y (list of ids) after anchor (D,), from one unpadded
+    sequence [anchor, y_1 .. y_(n-1)] with no mask and full logits."""
+    tok = model.model.embed_tokens(torch.tensor(y[:-1], dtype=torch.long))  # (n-1, D)
+    x = torch.cat([anchor[None], tok])[None]  # (1, n, D)
+    logits = model.lm_head(model(inputs_embeds=x))[0]  # (n, V)
+    return F.cross_entropy(logits, torch.tensor(y), reduction="sum")
+
+
+def anchors_and_targets(model, fmt, rows):
+    with torch.no_grad():
+        anchor = bireco.embed_texts(model, fmt, [(None, r["positive"]) for r in rows])
+    return anchor, [fmt.target_ids(r["query"]) for r in rows]
+
+
+def test_reconstruction_loss_matches_hand_computation(model, fmt, rows):
+    """One row equals the unpadded hand computation; a batch equals the token-weighted mean of
+    its rows; a much longer extra row (more padding for the others) changes no row's part."""
+    anchor, ys = anchors_and_targets(model, fmt, rows[:4])
+    assert len({len(y) for y in ys}) > 1
+    with torch.no_grad():
+        hand = [hand_loss_sum(model, anchor[i], y) for i, y in enumerate(ys)]
+        t, m = pad(ys[:1], fmt.pad_id)
+        one = bireco.reconstruction_loss(model, anchor[:1], t, m)
+        torch.testing.assert_close(one, hand[0] / len(ys[0]), **TOL)
+
+        n = sum(len(y) for y in ys)
+        t, m = pad(ys, fmt.pad_id)
+        loss = bireco.reconstruction_loss(model, anchor, t, m)
+        torch.testing.assert_close(loss, sum(hand) / n, **TOL)
+
+        long_y = fmt.target_ids(" ".join(r["positive"] for r in rows))
+        assert len(long_y) > 3 * max(len(y) for y in ys)
+        long_anchor = torch.randn(1, anchor.shape[1])
+        t, m = pad(ys + [long_y], fmt.pad_id)
+        extended = bireco.reconstruction_loss(model, torch.cat([anchor, long_anchor]), t, m)
+        long_part = hand_loss_sum(model, long_anchor[0], long_y)
+        torch.testing.assert_close(extended * (n + len(long_y)), sum(hand) + long_part, **TOL)
+        torch.testing.assert_close(extended * (n + len(long_y)) - long_part, loss * n, rtol=1e-5, atol=1e-3)
+
+
+def test_stage1_loss_tasks(model, fmt, rows):
+    """stage1_loss "q2d" regenerates the positive from E(instructed query), "d2q" the query text
+    (no instruction) from E(positive); it returns the number of target tokens."""
+    pairs = [Pair(r["query"], r["positive"], None, "Find the definition") for r in rows[:3]]
+    with torch.no_grad():
+        for task, src, tgt in (("q2d", lambda p: (p.instruction, p.query), lambda p: p.positive),
+                               ("d2q", lambda p: (None, p.positive), lambda p: p.query)):
+            loss, n = bireco.stage1_loss(model, fmt, pairs, task)
+            hand = [hand_loss_sum(model, bireco.embed_texts(model, fmt, [src(p)])[0], fmt.target_ids(tgt(p)))
+                    for p in pairs]
+            assert n == sum(len(fmt.target_ids(tgt(p))) for p in pairs)
+            torch.testing.assert_close(loss, sum(hand) / n, **TOL)
+    with pytest.raises(ValueError, match="unknown Stage I task"):
+        bireco.stage1_loss(model, fmt, pairs, "both")
+
+
+def test_padded_targets_carry_no_loss(model, fmt, rows):
+    """Ids at padded target positions (mask False) do not change the loss."""
+    anchor, ys = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(ys, fmt.pad_id)
+    assert (~m).sum() > 5
+    other = t.clone()
+    other[~m] = torch.randint(0, model.config.vocab_size, (int((~m).sum()),))
+    with torch.no_grad():
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, other, m),
+                                   bireco.reconstruction_loss(model, anchor, t, m), rtol=0, atol=1e-6)
+
+
+def test_chunked_cross_entropy_equals_unchunked(model, fmt, rows):
+    """Logits in chunks of 3 (recomputed in backward) give the same loss and gradients as one chunk."""
+    anchor, ys = anchors_and_targets(model, fmt, rows[:3])
+    t, m = pad(ys, fmt.pad_id)
+    params = list(model.parameters())
+    results = []
+    for chunk in (3, 10**6):
+        a = anchor.clone().requires_grad_(True)
+        loss = bireco.reconstruction_loss(model, a, t, m, chunk=chunk)
+        results.append((loss.detach(), torch.autograd.grad(loss, [a] + params)))
+    (l3, g3), (l1, g1) = results
+    torch.testing.assert_close(l3, l1, **TOL)
+    for x, y in zip(g3, g1):
+        torch.testing.assert_close(x, y, **TOL)
+    assert g3[0].abs().sum() > 0
+
+
+def test_gradient_reaches_the_encoder_through_the_anchor(model, fmt, rows):
+    """With the anchor attached, the loss has a gradient w.r.t. the anchor and the encoder's input
+    embeddings, and the parameter gradient is the detached one plus the chain rule through the
+    anchor; with anchor.detach() the encoder inputs get exactly no gradient."""
+    pairs = rows[:3]
+    ids, mask = pad([fmt.embed_ids(r["positive"]) for r in pairs], fmt.pad_id)
+    t, m = pad([fmt.target_ids(r["query"]) for r in pairs], fmt.pad_id)
+    params = list(model.parameters())
+
+    anchor = bireco.embed(model, ids, mask, fmt.eos_id)
+    loss = bireco.reconstruction_loss(model, anchor, t, m)
+    g_anchor, *g_attached = torch.autograd.grad(loss, [anchor] + params)
+    assert g_anchor.abs().sum() > 0
+    anchor = bireco.embed(model, ids, mask, fmt.eos_id)
+    g_detached = torch.autograd.grad(bireco.reconstruction_loss(model, anchor.detach(), t, m), params)
+    g_through = torch.autograd.grad((anchor * g_anchor).sum(), params, allow_unused=True)
+    differs = False
+    for att, det, thr in zip(g_attached, g_detached, g_through):
+        thr = torch.zeros_like(att) if thr is None else thr
+        torch.testing.assert_close(att, det + thr, rtol=1e-4, atol=1e-6)
+        differs |= not torch.allclose(att, det, rtol=1e-3, atol=1e-6)
+    assert differs
+
+    for detach, expect_zero in ((False, False), (True, True)):
+        x = model.model.embed_tokens(ids).detach().requires_grad_(True)  # encoder input embeddings
+        anchor = bireco.pool(model(inputs_embeds=x, padding_mask=mask), mask)
+        loss = bireco.reconstruction_loss(model, anchor.detach() if detach else anchor, t, m)
+        (g,) = torch.autograd.grad(loss, x, allow_unused=True)
+        g = torch.zeros_like(x) if g is None else g
+        assert (g == 0).all() == expect_zero
+        if not detach:
+            assert (g[~mask] == 0).all()  # padding positions of the encoder still get nothing
+
+
+# -----------------------------------------------------------------------------
+# Stage II: contrastive loss
+
+
+def test_contrastive_loss_by_hand():
+    """q1=(1,0), q2=(0,1), p1=(1,0), p2=(0.6,0.8), temperature 0.5 (scale 2).
+    Cosines: q1.p1=1, q1.p2=0.6, q2.p1=0, q2.p2=0.8; logits row 1 = (2, 1.2), row 2 = (0, 1.6).
+    -log softmax at the target: row 1 = log(1 + e^-0.8), row 2 = log(1 + e^-1.6);
+    loss = their mean = (0.371101 + 0.183901) / 2 = 0.277501; negatives per query B - 1 = 1.
+    Scaling an input changes no cosine, so 3*q1 and 5*p2 give the same loss."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    want = (math.log(1 + math.exp(-0.8)) + math.log(1 + math.exp(-1.6))) / 2
+    assert abs(want - 0.277501) < 1e-6
+    loss, negatives = bireco.contrastive_loss(q, p, temperature=0.5)
+    assert negatives == 1
+    assert abs(loss.item() - want) < 1e-6
+    loss, _ = bireco.contrastive_loss(q * torch.tensor([[3.0], [1.0]]), p * torch.tensor([[1.0], [5.0]]),
+                                      temperature=0.5)
+    assert abs(loss.item() - want) < 1e-6
+
+
+def test_contrastive_loss_with_hard_negatives_by_hand():
+    """Same q, p plus hard negatives n1=(0,2), n2=(-0.5,0) (not unit length: only their direction
+    counts): every query sees all B positives and all B' negatives. Cosines with (n1, n2):
+    q1 (0, -1), q2 (1, 0); logits row 1 = (2, 1.2, 0, -2), row 2 = (0, 1.6, 2, 0).
+    Row 1 loss = log(1 + e^-0.8 + e^-2 + e^-4) = log(1.602980) = 0.471864,
+    row 2 loss = log(e^-1.6 + 1 + e^0.4 + e^-1.6) = log(2.895618) = 1.063198; loss = 0.767531;
+    negatives per query = 2 - 1 + 2 = 3. With n1 alone: 2 negatives, rows drop their e^-4 / e^-1.6."""
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    p = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    n = torch.tensor([[0.0, 2.0], [-0.5, 0.0]])
+    row1 = math.log(1 + math.exp(-0.8) + math.exp(-2) + math.exp(-4))
+    row2 = math.log(2 * math.exp(-1.6) + 1 + math.exp(0.4))
+    assert abs(row1 - 0.471864) < 1e-6 and abs(row2 - 1.063198) < 1e-6
+    assert abs((row1 + row2) / 2 - 0.767531) < 1e-6
+    loss, negatives = bireco.contrastive_loss(q, p, n, temperature=0.5)
+    assert negatives == 3
+    assert abs(loss.item() - (row1 + row2) / 2) < 1e-6
+    loss, negatives = bireco.contrastive_loss(q, p, n[:1], temperature=0.5)
+    assert negatives == 2
+    want = (math.log(1 + math.exp(-0.8) + math.exp(-2)) + math.log(math.exp(-1.6) + 1 + math.exp(0.4))) / 2
+    assert abs(loss.item() - want) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Diagnostic
+
+
+@pytest.mark.parametrize("task", ["d2q", "q2d"])
+def test_reconstruction_gap(model, fmt, rows, task):
+    """Returns finite floats: the loss with true anchors, and with anchors rolled by one pair."""
+    pairs = [Pair(r["query"], r["positive"], r["negative"], "Find the definition") for r in rows[:4]]
+    true, shuffled = bireco.reconstruction_gap(model, fmt, pairs, task)
+    assert isinstance(true, float) and isinstance(shuffled, float)
+    assert math.isfinite(true) and math.isfinite(shuffled) and true != shuffled
+    with torch.no_grad():
+        loss, _ = bireco.stage1_loss(model, fmt, pairs, task)
+        assert abs(true - loss.item()) < 1e-6
+        src = [(p.instruction, p.query) if task == "q2d" else (None, p.positive) for p in pairs]
+        tgt = [fmt.target_ids(p.positive if task == "q2d" else p.query) for p in pairs]
+        anchor = bireco.embed_texts(model, fmt, src)
+        rolled = [hand_loss_sum(model, anchor[(i - 1) % 4], y) for i, y in enumerate(tgt)]
+    assert abs(shuffled - sum(rolled).item() / sum(len(y) for y in tgt)) < 1e-5
