@@ -81,8 +81,10 @@ parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = 
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
 parser.add_argument("--chunk", type=int, default=64, help="texts per forward pass in the cached contrastive step")
-parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                    help="compute dtype (autocast); weights and optimizer state stay fp32")
+parser.add_argument("--dtype", choices=["bfloat16", "float32"],
+                    default="bfloat16" if torch.cuda.is_available() else "float32",
+                    help="compute dtype (autocast); weights and optimizer state stay fp32. bf16 needs "
+                    "hardware support: on CPUs without AVX512-BF16/AMX it is far slower than fp32")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
 parser.add_argument("--seed", type=int, default=0)
@@ -220,6 +222,13 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
     items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
              + [(None, p.negative) for p in batch if p.negative is not None])
     B, chunks = len(batch), [items[i:i + args.chunk] for i in range(0, len(items), args.chunk)]
+    loss_of = lambda reps: contrastive_loss(reps[:B], reps[B:2 * B], reps[2 * B:] if len(items) > 2 * B
+                                            else None, args.temperature)
+    if len(chunks) == 1:  # the whole batch fits in one pass: the plain step
+        with ctx:
+            loss, negatives = loss_of(embed_texts(model, fmt, items).float())
+        (loss * scale).backward()
+        return loss.item(), negatives
     rng, reps = [], []
     with torch.no_grad():  # pass 1: every embedding, no activations kept
         for c in chunks:
@@ -227,8 +236,7 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
             with ctx:
                 reps.append(embed_texts(model, fmt, c).float())
     reps = torch.cat(reps).requires_grad_()
-    n = reps[2 * B:] if len(items) > 2 * B else None
-    loss, negatives = contrastive_loss(reps[:B], reps[B:2 * B], n, args.temperature)
+    loss, negatives = loss_of(reps)
     (loss * scale).backward()  # d loss / d embeddings, (3B, D)
     for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split(args.chunk)):
         torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1
