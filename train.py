@@ -331,7 +331,8 @@ def main(argv=None):
         if stop:
             raise KeyboardInterrupt
         stop.append(sig)
-        print("\ninterrupt: finishing this step, then saving (Ctrl-C again to abort without saving)")
+        print("\ninterrupt: finishing this step, then saving (Ctrl-C again to abort without saving)",
+              file=sys.stderr)
     signal.signal(signal.SIGINT, on_sigint)
 
     start_step = first = step
@@ -352,8 +353,8 @@ def main(argv=None):
             for k, (v, n) in logs.items():
                 window.setdefault(k, []).append(v)
                 if not math.isfinite(v):
-                    sys.exit(f"error: non-finite {k} loss ({v}) at step {step + 1}; stopping. Last good "
-                             f"checkpoint: {last_saved or 'none yet'}")
+                    sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping without "
+                             f"saving. Last saved checkpoint: {last_saved or 'none yet'}")
             window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
                                                              for t in (p.query, p.positive))
         torch.nn.utils.clip_grad_norm_(params, args.clip)

@@ -1,0 +1,450 @@
+"""train.py on the tiny fp32 model: CLI smoke runs of both stages, loss falling on a tiny overfit
+set, resume equal to an uninterrupted run, the cached contrastive step equal to the plain one,
+LoRA (identity at init, merge on save), the non-finite loss stop and the Ctrl-C save."""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_data_dir
+
+import train
+from bireco import contrastive_loss, embed_texts
+from data import TextFormat, load_pairs
+from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# one progress line: "step 2/2 | d2q 6.0755 | lr 2.67e-06 | 454 tok/s | eta 0.0 min"
+PROGRESS = re.compile(r"^step (\d+)/(\d+) \| ((?:\w+ -?\d+\.\d{4} ?)+) \| lr (\d\.\d\de[-+]\d\d) \| "
+                      r"(\d+) tok/s(?: \| negatives/query (\d+))? \| eta (\d+\.\d) min$", re.M)
+
+
+def progress(out):
+    """[(step, {loss name: value}, lr, negatives or None)] from train.py's stdout."""
+    rows = []
+    for m in PROGRESS.finditer(out):
+        names = m.group(3).split()
+        losses = {k: float(v) for k, v in zip(names[::2], names[1::2])}
+        rows.append((int(m.group(1)), losses, float(m.group(4)), m.group(6) and int(m.group(6))))
+    return rows
+
+
+def run_cli(*argv, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model.safetensors"))
+
+
+def meta(run):
+    with open(os.path.join(run, "latest", "meta.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model is overhead-bound, and two threads crawl when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def keep_sigint_handler():
+    """train.main installs its own Ctrl-C handler; in-process runs must not leave it behind."""
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.fixture(scope="module")
+def pairs8(tmp_path_factory):
+    """8 pairs: two batches of 4, so a few steps cross epochs and the set is easy to overfit."""
+    return make_data_dir(tmp_path_factory.mktemp("pairs8") / "pairs", n=8)
+
+
+def common(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--batch-size", "4", "--dtype", "float32",
+            "--out", str(out), "--log-every", "1", *extra]
+
+
+# -----------------------------------------------------------------------------
+# CLI smoke runs
+
+
+@pytest.mark.parametrize("stage, loss_name, lr, negatives", [
+    ("recon", "d2q", 4e-5 * 2 / 30, None),  # steps 1-2 of the 4:1 pattern are EBD2Q; warmup 30
+    ("contrastive", "loss", 2e-4 * 2 / 30, 7),  # negatives/query = (B - 1) positives + B hard negatives
+], ids=["recon", "contrastive"])
+def test_cli_two_steps(stage, loss_name, lr, negatives, tiny_model_dir, tiny_data_dir, tmp_path):
+    import transformers
+
+    out = tmp_path / "run"
+    proc = run_cli("--stage", stage, "--model", tiny_model_dir, "--data", tiny_data_dir, "--steps", "2",
+                   "--batch-size", "4", "--dtype", "float32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = progress(proc.stdout)  # default --log-every 10: only the last step is logged
+    assert row[0] == 2 and f"step 2/2 | {loss_name} " in proc.stdout
+    assert list(row[1]) == [loss_name] and np.isfinite(row[1][loss_name])
+    assert row[2] == pytest.approx(lr, rel=1e-2) and row[3] == negatives
+
+    latest = out / "latest"
+    assert os.path.islink(latest) and os.readlink(latest) == "step-000002"
+    m = meta(out)
+    assert {"args", "step", "data_position", "base_model", "git_commit"} <= set(m)
+    assert m["step"] == 2 and m["args"]["stage"] == stage and m["args"]["steps"] == 2
+    assert m["data_position"] == {"epoch": 0, "index": 2}  # 64 pairs = 16 batches per epoch
+    assert m["base_model"] == os.path.abspath(tiny_model_dir)
+    assert m["git_commit"] is None or re.fullmatch(r"[0-9a-f]{40}", m["git_commit"])
+
+    ours = load_model(str(latest)).eval()
+    before = tensors(tiny_model_dir)
+    assert any(not torch.equal(v, before[k]) for k, v in tensors(latest).items())  # it trained
+    hf = transformers.AutoModelForCausalLM.from_pretrained(latest).eval()
+    ids = torch.randint(3, ours.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# The loss falls on a tiny overfit set
+
+
+def first_last(rows, name, k=3):
+    values = [losses[name] for _, losses, _, _ in rows if name in losses]
+    return np.mean(values[:k]), np.mean(values[-k:])
+
+
+@pytest.mark.parametrize("mode", ["interleave", "sum"])
+def test_stage1_loss_falls(mode, tiny_model_dir, pairs8, tmp_path, capsys):
+    train.main(["--stage", "recon", *common(tiny_model_dir, pairs8, tmp_path / "run"), "--steps", "30",
+                "--lr", "3e-3", "--warmup", "0", "--mode", mode, "--task-weights", "0.5", "0.5"])
+    rows = progress(capsys.readouterr().out)
+    assert [r[0] for r in rows] == list(range(1, 31))
+    if mode == "interleave":  # one task per batch, alternating at 1:1
+        assert [list(r[1]) for r in rows[:4]] == [["d2q"], ["q2d"], ["d2q"], ["q2d"]]
+    else:
+        assert all(list(r[1]) == ["d2q", "q2d"] for r in rows)
+    for task in ("d2q", "q2d"):
+        first, last = first_last(rows, task)
+        assert last < 0.8 * first, (task, first, last)
+
+
+def test_stage2_loss_falls(tiny_model_dir, pairs8, tmp_path, capsys):
+    train.main(["--stage", "contrastive", *common(tiny_model_dir, pairs8, tmp_path / "run"), "--steps", "30",
+                "--lr", "1e-3", "--warmup", "0", "--lora-rank", "4"])
+    out = capsys.readouterr().out
+    assert "0.01M trained" in out  # LoRA only: 2 layers x 7 adapters of rank 4
+    rows = progress(out)
+    assert len(rows) == 30
+    first, last = first_last(rows, "loss")
+    assert last < 0.5 * first, (first, last)
+
+
+# -----------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("stage, extra", [
+    ("recon", ["--task-weights", "0.5", "0.5"]),  # both tasks before and after the stop
+    ("contrastive", ["--lora-rank", "4", "--lora-dropout", "0.1", "--chunk", "5"]),  # dropout draws RNG
+], ids=["recon", "contrastive"])
+def test_resume_equals_uninterrupted(stage, extra, tiny_model_dir, pairs8, tmp_path, capsys):
+    """4 steps == 2 steps (--stop-after 2) + --resume: weights, optimizer, data position and RNG
+    (LoRA dropout masks) all carry over. 8 pairs in batches of 4: the run crosses an epoch."""
+    args = ["--stage", stage, "--steps", "4", "--lr", "1e-3", "--warmup", "1", *extra]
+    train.main([*args, *common(tiny_model_dir, pairs8, tmp_path / "whole")])
+    whole_log = progress(capsys.readouterr().out)
+    train.main([*args, *common(tiny_model_dir, pairs8, tmp_path / "split"), "--stop-after", "2"])
+    assert meta(tmp_path / "split")["step"] == 2
+    halfway = tensors(tmp_path / "split" / "latest")
+    train.main(["--resume", str(tmp_path / "split")])
+    out = capsys.readouterr().out
+    assert f"resumed {tmp_path / 'split'} at step 2/4" in out
+    assert [r[0] for r in progress(out)] == [1, 2, 3, 4]
+    assert [r[1] for r in progress(out)] == [r[1] for r in whole_log]  # the same printed losses
+
+    a, b = meta(tmp_path / "whole"), meta(tmp_path / "split")
+    assert a["step"] == b["step"] == 4 and a["data_position"] == b["data_position"] == {"epoch": 1, "index": 2}
+    want, got = tensors(tmp_path / "whole" / "latest"), tensors(tmp_path / "split" / "latest")
+    assert want.keys() == got.keys()
+    assert any(not torch.allclose(halfway[k], got[k], atol=1e-5) for k in got)  # steps 3-4 did change weights
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
+    if stage == "contrastive":  # the adapters themselves, not only the merged weights
+        ta = torch.load(tmp_path / "whole" / "latest" / "train_state.pt", weights_only=False)["trainable"]
+        tb = torch.load(tmp_path / "split" / "latest" / "train_state.pt", weights_only=False)["trainable"]
+        assert len(ta) == 2 * 7 * 2 and ta.keys() == tb.keys()
+        for k in ta:
+            torch.testing.assert_close(tb[k], ta[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_without_checkpoint_names_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for run in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(SystemExit) as e:
+            train.main(["--resume", str(run)])
+        assert isinstance(e.value.code, str)  # sys.exit(message): exit status 1
+        assert str(run) in e.value.code and "no checkpoint" in e.value.code
+
+
+def test_out_holding_a_run_needs_overwrite(tiny_model_dir, pairs8, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["--stage", "recon", *common(tiny_model_dir, pairs8, run), "--steps", "1"]
+    train.main(args)
+    first = tensors(run / "latest")
+    with pytest.raises(SystemExit) as e:
+        train.main(args[:-1] + ["2"])
+    assert isinstance(e.value.code, str) and str(run) in e.value.code
+    assert "--resume" in e.value.code and "--overwrite" in e.value.code
+    assert meta(run)["step"] == 1  # refused before anything was touched
+    capsys.readouterr()
+    train.main(args[:-1] + ["2", "--overwrite"])
+    assert meta(run)["step"] == 2 and sorted(os.listdir(run)) == ["latest", "step-000002"]
+    assert any(not torch.equal(v, first[k]) for k, v in tensors(run / "latest").items())
+
+
+# -----------------------------------------------------------------------------
+# The cached contrastive step
+
+
+@pytest.fixture(scope="module")
+def fmt(tiny_model_dir):
+    tok, eos_ids = load_tokenizer(tiny_model_dir)
+    return TextFormat(tok, eos_ids)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_data_dir):
+    return load_pairs(tiny_data_dir, need_negative=True)["wordnet"][:4]  # 4 queries, 4 positives, 4 negatives
+
+
+def reference_step(model, fmt, batch, chunk, temperature=0.02):
+    """The definition the cached step must equal: the same forward passes (chunk by chunk, so
+    dropout draws the same masks in the same order) in one autograd graph, one backward.
+    chunk >= the number of texts is the plain, unchunked step."""
+    items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
+             + [(None, p.negative) for p in batch])
+    reps = torch.cat([embed_texts(model, fmt, items[i:i + chunk]) for i in range(0, len(items), chunk)])
+    B = len(batch)
+    loss, _ = contrastive_loss(reps[:B], reps[B:2 * B], reps[2 * B:], temperature)
+    loss.backward()
+    return loss.item()
+
+
+def grads(model):
+    return {k: None if p.grad is None else p.grad.clone() for k, p in model.named_parameters()}
+
+
+def assert_same_grads(got, want):
+    assert got.keys() == want.keys()
+    assert any(g is not None for g in want.values())
+    for k in want:
+        assert (got[k] is None) == (want[k] is None), k
+        if want[k] is not None:
+            assert want[k].abs().max() > 0, k
+            torch.testing.assert_close(got[k], want[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def lora_model(path, dropout, seed=0):
+    model = load_model(path)
+    torch.manual_seed(seed)
+    train.add_lora(model, rank=4, alpha=8.0, dropout=dropout)
+    with torch.no_grad():  # B = 0 at init would give lora_A no gradient at all
+        for k, p in model.named_parameters():
+            if k.endswith("lora_B"):
+                p.normal_(0, 0.05)
+    return model.train()
+
+
+def cached(model, fmt, batch, chunk, scale=1.0):
+    args = argparse.Namespace(chunk=chunk, temperature=0.02)
+    loss, negatives = train.contrastive_step(model, fmt, batch, args, contextlib.nullcontext(), scale)
+    assert negatives == 7
+    return loss
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("chunk", [3, 5, 10 ** 6])  # 12 texts: 4 chunks; 5+5+2; one chunk
+def test_cached_step_equals_plain(lora, chunk, tiny_model_dir, fmt, batch):
+    """Without dropout, the cached step's loss and every parameter's gradient equal the plain
+    step's (one forward over all 12 texts, one backward), whatever the chunking."""
+    model = lora_model(tiny_model_dir, dropout=0.0) if lora else load_model(tiny_model_dir).train()
+    want_loss = reference_step(model, fmt, batch, chunk=12)
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+    got_loss = cached(model, fmt, batch, chunk)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    assert_same_grads(grads(model), want)
+    if lora:  # the base weights stay frozen
+        assert all(p.grad is None for k, p in model.named_parameters() if ".lora_" not in k)
+    model.zero_grad(set_to_none=True)
+    cached(model, fmt, batch, chunk, scale=0.25)  # gradient accumulation scales the gradient only
+    assert_same_grads(grads(model), {k: None if g is None else g * 0.25 for k, g in want.items()})
+
+
+@pytest.mark.parametrize("chunk", [3, 5])
+def test_cached_step_replays_dropout_masks(chunk, tiny_model_dir, fmt, batch):
+    """With LoRA dropout on, chunking changes the masks drawn (their shapes follow the chunk), so
+    chunk=3 is not the plain step. What is guaranteed: pass 2 replays the masks of pass 1, so the
+    cached step equals the same chunked forward kept in one autograd graph, from the same RNG
+    state, and leaves the RNG where that forward leaves it."""
+    model = lora_model(tiny_model_dir, dropout=0.3)
+    torch.manual_seed(1)
+    want_loss = reference_step(model, fmt, batch, chunk)
+    want, want_rng = grads(model), torch.get_rng_state()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    got_loss = cached(model, fmt, batch, chunk)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+    assert_same_grads(grads(model), want)
+    assert torch.equal(torch.get_rng_state(), want_rng)
+
+    # the masks matter: other masks (another seed) give another gradient, so the match above is
+    # not one that any masks would pass
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(2)
+    cached(model, fmt, batch, chunk)
+    other = grads(model)
+    assert any(not torch.allclose(other[k], want[k], atol=1e-4) for k in want if want[k] is not None)
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+def random_model(model_type):
+    cfg = ModelConfig.from_hf(dict(model_type=model_type, vocab_size=97, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=model_type == "llama"))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # tied embeddings; q/k/v biases
+def test_lora_starts_at_the_base_model_and_merges_on_save(model_type, tmp_path):
+    model = random_model(model_type)
+    plain_keys = set(model.state_dict())
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        base = model.lm_head(model(ids))
+    train.add_lora(model, rank=4, alpha=8.0, dropout=0.2)
+    trainable = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * len(train.LORA_TARGETS) * 2
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in trainable)
+    with torch.no_grad():  # B = 0: the adapter adds nothing, even with dropout active
+        torch.testing.assert_close(model.train().lm_head(model(ids)), base, atol=0, rtol=0)
+
+    with torch.no_grad():
+        for k, p in model.named_parameters():
+            if k.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    model.eval()  # dropout off
+    with torch.no_grad():
+        adapted = model.lm_head(model(ids))
+    assert not torch.allclose(adapted, base, atol=1e-3)
+
+    merged_sd = train.merged_state_dict(model)
+    assert set(merged_sd) == plain_keys
+    save_model(model, str(tmp_path / "merged"), merged_sd)
+    merged = load_model(str(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged.lm_head(merged(ids)), adapted, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Failure paths: non-finite loss, Ctrl-C
+
+
+def test_inf_weight_stops_at_step_1_without_checkpoint(tiny_model_dir, pairs8, tmp_path):
+    from safetensors.torch import save_file
+
+    bad = shutil.copytree(tiny_model_dir, tmp_path / "bad")
+    sd = tensors(bad)
+    sd["model.norm.weight"][0] = float("inf")
+    save_file(sd, os.path.join(bad, "model.safetensors"), metadata={"format": "pt"})
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", "recon", *common(str(bad), pairs8, run), "--steps", "3", "--save-every", "1"])
+    assert isinstance(e.value.code, str)
+    assert "non-finite" in e.value.code and "at step 1" in e.value.code and "none yet" in e.value.code
+    assert not os.path.exists(run) or os.listdir(run) == []
+
+
+@pytest.mark.parametrize("stage, extra", [("recon", []), ("contrastive", ["--lora-rank", "4"])],
+                         ids=["recon", "contrastive"])
+def test_huge_lr_stops_on_non_finite_loss(stage, extra, tiny_model_dir, pairs8, tmp_path, capsys):
+    """lr 1e30 blows the weights up within a few steps: the run stops at the first non-finite loss,
+    names the step and the last checkpoint, and writes none for the failed step."""
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["--stage", stage, *common(tiny_model_dir, pairs8, run), "--steps", "20", "--lr", "1e30",
+                    "--warmup", "0", "--save-every", "1", *extra])
+    assert isinstance(e.value.code, str) and "non-finite" in e.value.code
+    step = int(re.search(r"non-finite .* at step (\d+)", e.value.code).group(1))
+    assert 1 < step < 20
+    last = f"step-{step - 1:06d}"
+    assert str(run / last) in e.value.code
+    assert sorted(os.listdir(run)) == ["latest", last]  # no checkpoint of the failed step
+    assert meta(run)["step"] == step - 1
+    assert [r[0] for r in progress(capsys.readouterr().out)] == list(range(1, step))
+
+
+def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, pairs8, tmp_path, capsys):
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "train.py", "--stage", "recon", *common(tiny_model_dir, pairs8, run),
+                             "--steps", "100000", "--save-every", "100000"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(120, proc.kill)  # a hang fails the test instead of blocking the suite
+    killer.start()
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("step ")):
+            line = proc.stdout.readline()
+            assert line, "train.py ended before its first progress line:\n" + "".join(lines)
+            lines.append(line)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        killer.cancel()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]  # Ctrl-C is a clean stop: finish the step, save, exit 0
+    assert "interrupt: finishing this step" in out
+    step = int(re.search(r"^done: .* \(step (\d+)/100000\)$", out, re.M).group(1))
+    assert step >= 1 and progress(out)[-1][0] == step
+    assert f"saved {run / f'step-{step:06d}'}" in out
+    assert meta(run)["step"] == step
+
+    train.main(["--resume", str(run), "--stop-after", "1"])
+    out = capsys.readouterr().out
+    assert f"resumed {run} at step {step}/100000" in out
+    assert [r[0] for r in progress(out)] == [step + 1]
+    assert meta(run)["step"] == step + 1
