@@ -337,7 +337,7 @@ def main(argv=None):
 
     start_step = first = step
     t0, window = time.time(), {}
-    last_saved = resume_from
+    last_saved, warned = resume_from, 0
     while step < args.steps:
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -370,6 +370,10 @@ def main(argv=None):
             print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {window['tokens'] / dt:.0f} tok/s"
                   f"{extra} | eta {eta / 60:.1f} min", flush=True)
             window, t0, first = {}, time.time(), step
+            if fmt.truncated > warned:
+                print(f"warning: {fmt.truncated} texts so far were longer than --max-length "
+                      f"{args.max_length} tokens and were cut (their EOS kept)")
+                warned = fmt.truncated
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
             last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model)
