@@ -36,9 +36,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
 parser.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2)")
 parser.add_argument("--out", default=os.path.join(ROOT, "out", "experiment"), help="runs and results.json")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-parser.add_argument("--recon-steps", type=int, default=60, help="Stage I steps")
+parser.add_argument("--recon-steps", type=int, default=40, help="Stage I steps")
 parser.add_argument("--recon-batch", type=int, default=8, help="Stage I pairs per batch")
-parser.add_argument("--contrastive-steps", type=int, default=60, help="Stage II steps (both arms)")
+parser.add_argument("--contrastive-steps", type=int, default=40, help="Stage II steps (both arms)")
 parser.add_argument("--contrastive-batch", type=int, default=8, help="Stage II pairs per batch")
 parser.add_argument("--eval-every", type=int, default=20, help="Stage II steps between curve points")
 parser.add_argument("--no-ablations", action="store_true", help="skip the Stage I ablations")
@@ -153,9 +153,8 @@ def main():
             unit("ours/s0/recon/diagnostic", lambda: diagnostic(ours))
             unit("ours/s0/recon/eval", lambda: evaluate(ours, os.path.dirname(ours)))
         stage2("ours", seed, ours, curve=i == 0)
-        if i == 0 and not args.no_ablations:
-            for name, flags in ABLATIONS.items():
-                stage2(name, seed, stage1(name, seed, flags), curve=False)
+    for name, flags in {} if args.no_ablations else ABLATIONS.items():  # first seed only
+        stage2(name, args.seeds[0], stage1(name, args.seeds[0], flags), curve=False)
     report(results, args.out)
 
 

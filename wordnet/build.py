@@ -2,9 +2,10 @@
 Build the bundled WordNet 3.0 dataset: usage example -> gloss, with a hard negative.
 
 WordNet glosses look like `definition; "example one"; "example two"`. Each usage example becomes a
-query whose positive is its own sense, written as "lemma1, lemma2: definition", and whose hard
-negative is another sense of one of the same lemmas (preferring a lemma the example mentions), so
-telling them apart needs the meaning of the sentence, not its words. Synsets are split into train
+query whose positive is the definition of its own sense, and whose hard negative is the definition
+of another sense of one of the same lemmas (preferring a lemma the example mentions). Definitions
+are written without their lemmas, so matching words gets little: finding the right one needs the
+meaning of the sentence. Synsets are split into train
 and test; a held-out synset contributes nothing to train.
 
 Outputs (next to this file unless --out-dir says otherwise):
@@ -82,7 +83,8 @@ parser.add_argument("--out-dir", default=os.path.dirname(os.path.abspath(__file_
 args = parser.parse_args()
 
 synsets = {s.key: s for s in read_synsets(args.wordnet_dir)}
-text = {k: f"{', '.join(s.lemmas)}: {s.definition}" for k, s in synsets.items()}
+text = {k: s.definition for k, s in synsets.items()}
+defined = collections.Counter(text.values())  # a few definitions are shared by several synsets
 senses = collections.defaultdict(list)  # lowercased lemma -> keys of all its synsets, file order
 for k, s in synsets.items():
     for lemma in s.lemmas:
@@ -102,7 +104,7 @@ def usable(e):
 
 # test split: synsets with another sense (so the corpus has distractors) and an example that
 # belongs to this synset alone (so no other gloss in the corpus is equally right for it)
-eligible = [s for s in synsets.values() if other_senses(s, s.lemmas)
+eligible = [s for s in synsets.values() if other_senses(s, s.lemmas) and defined[text[s.key]] == 1
             and any(usable(e) and owners[e] == 1 for e in s.examples)]
 rng.shuffle(eligible)
 test = eligible[:TEST_QUERIES]
