@@ -56,6 +56,10 @@ class ModelConfig:
         def fail(key, value, accepted):
             raise ValueError(f"{where}: unsupported {key}={value!r} (accepted: {accepted})")
 
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in hf]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
         mt = hf.get("model_type")
         if mt not in ("llama", "mistral", "qwen2", "qwen3"):
             fail("model_type", mt, "llama, mistral, qwen2, qwen3")
@@ -262,21 +266,30 @@ class Transformer(nn.Module):
 # Loading and saving Hugging Face checkpoints
 
 
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
     """Strict load of a HF checkpoint folder: config.json + model.safetensors (or shards listed
     in model.safetensors.index.json). Tensors go straight from the file to `device` and `dtype`,
     so the weights are never held twice."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: not a model checkpoint folder")
-    with open(config_path) as f:
-        cfg = ModelConfig.from_hf(json.load(f), where=config_path)
-    index = os.path.join(path, "model.safetensors.index.json")
+    cfg = ModelConfig.from_hf(read_json(config_path), where=config_path)
+    index, weight_map = os.path.join(path, "model.safetensors.index.json"), {}
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no \"weight_map\" of tensor name -> shard file")
+        shards = sorted(set(weight_map.values()))
     else:
         shards = ["model.safetensors"]
     for s in shards:
@@ -291,12 +304,17 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
     params = dict(model.named_parameters())
     seen = set()
     for s in shards:
-        with safe_open(os.path.join(path, s), framework="pt", device=str(device)) as f:
+        try:
+            f = safe_open(os.path.join(path, s), framework="pt", device=str(device))
+        except SafetensorError as e:
+            raise ValueError(f"{os.path.join(path, s)}: not a readable safetensors file, partly "
+                             f"written or corrupt ({e})") from None
+        with f:
             for key in f.keys():
                 if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
                     continue  # recomputed / tied: the two explicit exceptions
                 if key not in expected:
-                    raise KeyError(f"{os.path.join(path, s)}: unexpected tensor {key!r}")
+                    raise ValueError(f"{os.path.join(path, s)}: unexpected tensor {key!r}")
                 t = f.get_tensor(key)
                 if t.shape != expected[key].shape:
                     raise ValueError(f"{os.path.join(path, s)}: {key} has shape {tuple(t.shape)}, "
@@ -307,7 +325,9 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
                 seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
-        raise KeyError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[:3]}")
+        listed_in = sorted({weight_map[k] for k in missing if k in weight_map})
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[:3]}"
+                         + (f" (the index puts them in {', '.join(listed_in)})" if listed_in else ""))
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -338,14 +358,16 @@ def load_tokenizer(path: str):
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{tok_path} not found (a tokenizers-format tokenizer is required)")
-    tok = Tokenizer.from_file(tok_path)
+    try:
+        tok = Tokenizer.from_file(tok_path)
+    except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise ValueError(f"{tok_path}: not a readable tokenizers file ({e})") from None
     eos_ids = []
     for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             continue
-        with open(p) as f:
-            value = json.load(f).get("eos_token" if name == "tokenizer_config.json" else "eos_token_id")
+        value = read_json(p).get("eos_token" if name == "tokenizer_config.json" else "eos_token_id")
         if isinstance(value, dict):  # {"content": "</s>", ...} in older tokenizer configs
             value = value.get("content")
         if isinstance(value, str):

@@ -266,6 +266,9 @@ def main(argv=None):
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
                 setattr(args, k, v)
+        for k in ("steps", "batch_size", "grad_accum", "max_length", "chunk", "save_every", "log_every"):
+            if getattr(args, k) < 1:
+                parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
         if args.model is None:
             from smollm2 import default_model_dir
             args.model = default_model_dir()
@@ -296,6 +299,15 @@ def main(argv=None):
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     fmt = TextFormat(tok, eos_ids, args.max_length)
+    # a template longer than --max-length fails here, not at the first batch that meets it;
+    # queries (with their instructions) are embedded by EBQ2D and Stage II, EBD2Q embeds documents only
+    queries = args.stage == "contrastive" or args.task_weights[1] > 0
+    instructions = {p.instruction for v in data.values() for p in v} if queries else set()
+    try:
+        for instruction in instructions | {None}:
+            fmt.embed_ids("", instruction)
+    except ValueError as e:
+        sys.exit(f"error: --max-length {args.max_length} is too short: {e}")
     if args.lora_rank > 0:
         add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout)
     model.gradient_checkpointing = args.grad_ckpt
@@ -326,10 +338,12 @@ def main(argv=None):
           f"datasets | batch {args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}")
 
     # Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once
-    stop = []
+    stop, last_saved = [], resume_from
     def on_sigint(sig, frame):
-        if stop:
-            raise KeyboardInterrupt
+        if stop:  # exit status 130 = 128 + SIGINT, as for a process killed by Ctrl-C
+            print(f"\ninterrupt: aborted without saving. Last saved checkpoint: {last_saved or 'none yet'}",
+                  file=sys.stderr)
+            sys.exit(130)
         stop.append(sig)
         print("\ninterrupt: finishing this step, then saving (Ctrl-C again to abort without saving)",
               file=sys.stderr)
@@ -337,7 +351,7 @@ def main(argv=None):
 
     start_step = first = step
     t0, window = time.time(), {}
-    last_saved, warned = resume_from, 0
+    warned = 0
     while step < args.steps:
         lr = lr_at(step, args)
         for g in opt.param_groups:
