@@ -1,0 +1,154 @@
+"""eval.py: the offline WordNet task end to end through mteb, the instruction convention, the
+comparison table, and the errors a user meets (unknown task, no network, not a checkpoint)."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_eval(*argv, env=None, timeout=300):
+    # one thread: the tiny model is overhead-bound, and two threads crawl when the CPU is shared
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two_model_run(tiny_model_dir, tmp_path_factory):
+    """One CLI run on the bundled task with two checkpoints: the tiny model and a renamed copy."""
+    tmp = tmp_path_factory.mktemp("eval")
+    other = shutil.copytree(tiny_model_dir, tmp / "tiny-copy")
+    proc = run_eval("--model", tiny_model_dir, "--model", str(other), "--output", str(tmp / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, tmp / "out"
+
+
+def test_default_task_end_to_end_in_mteb_layout(two_model_run, tiny_model_dir):
+    proc, out = two_model_run
+    name = os.path.basename(tiny_model_dir)
+    files = glob.glob(str(out / "results" / f"bireco__{name}" / "*" / "WordNetSenseRetrieval.json"))
+    assert len(files) == 1
+    revision_dir = os.path.dirname(files[0])
+    assert os.path.isfile(os.path.join(revision_dir, "model_meta.json"))
+    with open(files[0]) as f:
+        result = json.load(f)
+    (scores,) = result["scores"]["test"]
+    assert 0.0 <= scores["ndcg_at_10"] <= 1.0 and scores["main_score"] == scores["ndcg_at_10"]
+    # the printed table carries the same number the file holds
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("WordNetSenseRetrieval ndcg_at_10"))
+    assert float(row.split()[2]) == pytest.approx(scores["ndcg_at_10"], abs=5e-5)
+    with open(os.path.join(revision_dir, "model_meta.json")) as f:
+        meta = json.load(f)
+    assert meta["name"] == f"bireco/{name}" and meta["embed_dim"] == 64
+    assert meta["revision"] == os.path.basename(revision_dir)
+
+
+def test_two_models_make_one_table(two_model_run, tiny_model_dir):
+    proc, _ = two_model_run
+    lines = proc.stdout.splitlines()
+    header = lines[next(i for i, line in enumerate(lines) if line.startswith("WordNetSenseRetrieval ndcg")) - 1]
+    assert header.split() == [os.path.basename(tiny_model_dir), "tiny-copy"]
+    for metric in ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"):
+        row = next(line for line in lines if line.startswith(f"WordNetSenseRetrieval {metric} "))
+        a, b = map(float, row.split()[2:])
+        assert a == b  # the copy holds the same weights
+
+
+def test_instruction_convention(tiny_model_dir):
+    """Retrieval: queries get the task instruction, documents none. Other task types: every text."""
+    import mteb
+    import torch
+    from torch.utils.data import DataLoader
+
+    import data
+    import eval as ev
+
+    encoder = ev.Encoder(tiny_model_dir, "cpu", torch.float32)
+    scifact, sts, banking = (mteb.get_task(n).metadata for n in ("SciFact", "STS16", "Banking77Classification"))
+    assert encoder.instruction_for(scifact, "query") == ev.INSTRUCTIONS["SciFact"]
+    assert encoder.instruction_for(scifact, "document") is None
+    assert encoder.instruction_for(sts, None) == "Retrieve semantically similar text."
+    assert encoder.instruction_for(banking, None) == "Given a online banking query, find the corresponding intents"
+    wordnet = ev.WordNetSenseRetrieval().metadata
+    assert encoder.instruction_for(wordnet, "query") == data.INSTRUCTIONS["wordnet"]  # the training one
+
+    # encode() applies it: same vectors as encoding "Instruct: ...\nQuery: text" directly
+    texts = ["a legal document signed and sealed", "he signed the deed", "the weak link in the chain"]
+    loader = DataLoader([{"text": t} for t in texts], batch_size=2)
+    query = encoder.encode(loader, task_metadata=scifact, hf_split="test", hf_subset="default", prompt_type="query")
+    doc = encoder.encode(loader, task_metadata=scifact, hf_split="test", hf_subset="default", prompt_type="document")
+    assert query.shape == (3, 64)
+    assert abs(query - encoder.embedder.encode(texts, ev.INSTRUCTIONS["SciFact"])).max() < 1e-5
+    assert abs(doc - encoder.embedder.encode(texts, None)).max() < 1e-5
+    assert abs(query - doc).max() > 1e-3
+    ids = encoder.embedder.fmt.embed_ids("he signed the deed", encoder.instruction_for(sts))
+    assert "Instruct: Retrieve semantically similar text.\nQuery: he signed the deed" in \
+        encoder.embedder.fmt.tok.decode(ids, skip_special_tokens=False)
+
+    # a task outside instructions.json gets one from its metadata, with a note
+    other = mteb.get_task("NanoSciFactRetrieval").metadata
+    assert other.name not in ev.INSTRUCTIONS and encoder.instruction_for(other, "query")
+
+
+def test_revision_follows_the_weights(tiny_model_dir, tmp_path):
+    """Results live under a hash of the weights: new weights never land in an old result folder."""
+    import torch
+
+    import eval as ev
+    from model import load_model, save_model
+
+    same = shutil.copytree(tiny_model_dir, tmp_path / "same")
+    changed = shutil.copytree(tiny_model_dir, tmp_path / "changed")
+    model = load_model(str(changed))
+    with torch.no_grad():
+        model.model.norm.weight[0] += 0.01
+    save_model(model, str(changed))
+    revision = lambda path: ev.Encoder(str(path), "cpu", torch.float32).mteb_model_meta.revision
+    assert revision(tiny_model_dir) == revision(same) != revision(changed)
+
+
+def test_unknown_task_suggests_close_names(tiny_model_dir):
+    import eval as ev  # in-process: the check runs before any model or data is touched
+
+    with pytest.raises(SystemExit) as info:
+        ev.main(ev.parser.parse_args(["--model", tiny_model_dir, "--tasks", "SciFakt"]))
+    assert isinstance(info.value.code, str)  # sys.exit(message): exit status 1, message on stderr
+    assert "unknown task 'SciFakt'" in info.value.code and "SciFact" in info.value.code
+
+
+def test_task_without_reachable_data_fails_fast(tiny_model_dir, tmp_path):
+    """No hub (an endpoint that refuses connections) and an empty cache: a clear error, quickly."""
+    cache = str(tmp_path / "hf")
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": cache, "HF_HUB_CACHE": cache, "HF_DATASETS_CACHE": cache,
+           "HF_HUB_OFFLINE": "", "HTTPS_PROXY": "", "https_proxy": "", "ALL_PROXY": ""}
+    t0 = time.time()
+    proc = run_eval("--model", tiny_model_dir, "--tasks", "STS16", "--output", str(tmp_path / "out"), env=env)
+    assert time.time() - t0 < 60
+    assert proc.returncode != 0
+    assert "STS16 could not download its data (no network or hub unreachable)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_not_a_checkpoint_folder(tiny_model_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    proc = run_eval("--model", str(tmp_path))
+    assert proc.returncode != 0
+    assert str(tmp_path) in proc.stderr and "not a checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    import eval as ev  # config and tokenizer without weights: past the first check, not past loading
+
+    for name in ("config.json", "tokenizer.json", "generation_config.json"):
+        shutil.copy(os.path.join(tiny_model_dir, name), tmp_path)
+    with pytest.raises(SystemExit) as info:
+        ev.main(ev.parser.parse_args(["--model", str(tmp_path)]))
+    assert f"--model {tmp_path} is not a usable checkpoint" in info.value.code
+    assert "model.safetensors not found" in info.value.code
