@@ -165,7 +165,8 @@ def save_checkpoint(run, model, opt, batches, step, args, base_model):
                os.path.join(tmp, "train_state.pt"))
     meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
                 base_model=os.path.abspath(base_model), data=os.path.abspath(args.data),
-                training_datasets=sorted(batches.data), git_commit=git_commit(), args=vars(args))
+                training_datasets=sorted(batches.data),
+                dataset_sizes={k: len(v) for k, v in batches.data.items()}, git_commit=git_commit(), args=vars(args))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(final, ignore_errors=True)
@@ -255,13 +256,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
         parser.error("--stage is required (or --resume RUN to continue a run)")
-    resume_from = None
+    resume_from = meta = None
     if args.resume:
+        changed = [k for k, v in vars(args).items()
+                   if k not in ("resume", "stop_after") and v != parser.get_default(k)]
+        if changed:  # a run continues with the settings it started with
+            parser.error(f"--resume continues a run with its saved settings; only --stop-after may be "
+                         f"given with it, not --{changed[0].replace('_', '-')}")
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
-            saved = json.load(f)["args"]
-        stop_after = args.stop_after
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "stop_after": stop_after})
+            meta = json.load(f)
+        args = argparse.Namespace(**{**meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
@@ -290,6 +295,10 @@ def main(argv=None):
         batches = Batches(data, args.batch_size, args.seed)
     except DataError as e:
         sys.exit(f"error: {e}")
+    sizes = {k: len(v) for k, v in data.items()}
+    if meta and meta.get("dataset_sizes") != sizes:  # the saved data position would point elsewhere
+        sys.exit(f"error: {args.data} changed since the run started: datasets and sizes "
+                 f"{meta.get('dataset_sizes')} then, {sizes} now; cannot resume on other data")
     try:
         if resume_from and args.lora_rank == 0:
             model = load_model(resume_from, device=device)
@@ -329,8 +338,7 @@ def main(argv=None):
         torch.set_rng_state(torch_rng.cpu())
         if cuda_rng is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
-        with open(os.path.join(resume_from, "meta.json")) as f:
-            step = json.load(f)["step"]
+        step = meta["step"]
         print(f"resumed {run} at step {step}/{args.steps}")
     n_train = sum(p.numel() for p in params)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

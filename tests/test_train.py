@@ -448,3 +448,18 @@ def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, pairs8, tmp_path, cap
     assert f"resumed {run} at step {step}/100000" in out
     assert [r[0] for r in progress(out)] == [step + 1]
     assert meta(run)["step"] == step + 1
+
+
+def test_resume_keeps_the_saved_settings_and_data(tiny_model_dir, tmp_path, capsys):
+    """--resume takes no flag but --stop-after, and refuses a data folder that changed size."""
+    data = make_data_dir(tmp_path / "pairs", n=8)
+    run = str(tmp_path / "run")
+    train.main(common(tiny_model_dir, data, run, "--stage", "recon", "--steps", "4", "--stop-after", "1"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", run, "--steps", "9"])
+    assert e.value.code == 2 and "not --steps" in capsys.readouterr().err
+    make_data_dir(tmp_path / "pairs", n=12)  # the folder now holds 12 pairs, not 8
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", run])
+    assert "changed since the run started" in str(e.value.code) and "{'wordnet': 8}" in str(e.value.code)
+    assert meta(run)["step"] == 1
