@@ -1,0 +1,489 @@
+"""
+Speed and memory of this implementation against the ordinary `transformers` way of doing the same
+work, on the same weights and the same batches, in one run. Not a test (pytest does not collect
+it); run it directly:
+
+  python tests/benchmark.py                    # CPU defaults: about 3 minutes on 2 cores
+  python tests/benchmark.py --device cuda      # the default where a GPU is present: bf16
+  python tests/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
+
+What is compared, for each model config and dtype
+1. One Stage I step (paper, Stage I) in `sum` mode: E(query) and E(document), both reconstructions
+   (EBD2Q and EBQ2D) on the same batch, loss 0.8 L_D2Q + 0.2 L_Q2D, backward. The optimizer step is
+   left out (the same on both sides).
+   ours: bireco.stage1_loss for each task: the anchor directly before the target tokens, logits
+   only at target positions, in chunks that backward recomputes.
+   reference: transformers' LlamaForCausalLM (attn_implementation="sdpa") used the way the official
+   code computes Stage I: E(.) is the last hidden state at the last position of a left-padded
+   batch; the decoder input is [anchor, left-padded target tokens] with default position ids;
+   logits at every position over the whole vocabulary, and the model's own cross-entropy
+   (labels=) on the target positions.
+   Also our default, interleaved mode (one task per batch): 0.8 t(EBD2Q step) + 0.2 t(EBQ2D step)
+   against the reference's sum step, i.e. what one batch costs in each training recipe.
+2. Encoding a corpus of mixed-length texts (held-out WordNet queries and glosses, some glosses
+   joined so that lengths range from ~10 to a few hundred tokens): texts/s of bireco.Embedder
+   (length-sorted batches) and of ours in the given order, against transformers' LlamaModel with
+   last-token pooling over left-padded batches in the given order, all at the same batch size.
+   The two embeddings must agree (min cosine over the corpus > 0.999).
+3. Model FLOP utilisation (MFU) = model FLOPs / time / peak, where the peak is the rate of a large
+   square x @ W.T matmul on the same device and dtype, timed at the start and at the end of the
+   run (the better of the two). Model FLOPs count real (non-padding) tokens, per sequence of n:
+       forward  = 2 P n + 2 L H d n^2   (+ 2 D V per reconstruction target token)
+       training = 3 x forward
+   P = parameters outside the embedding and lm_head, L layers, H query heads, d head size, D
+   hidden size, V vocabulary; 2 L H d n^2 is causal attention (QK^T and AV over half the n x n
+   square). Padding and our recomputed lm_head chunk are work done but not counted.
+
+Configs
+- smollm2: the real SmolLM2-135M-Instruct (smollm2.default_model_dir; set $BIRECO_CACHE).
+- llama3: random weights with the Llama-3 vocabulary (128256, tied), 2 layers, hidden 256: the
+  output layer and its (B, T, V) logits dominate, an exaggerated Llama-3 (in Llama-3.2-1B the
+  logits block is comparable to all the activations its layers keep for backward). It reads text
+  with SmolLM2's tokenizer (ids below 49152): the output layer's cost depends on V, not on the ids.
+
+How it is measured
+- Time: after a warm-up step, ours and the reference alternate (ours first, then reference first),
+  and each side reports its best repetition: on a machine shared with other work the minimum is
+  the least disturbed estimate. CUDA is synchronised around every timed call.
+- Peak memory of one step above what was allocated before it (the weights; gradients are set to
+  None before every step, so allocating them counts, on both sides alike). CUDA:
+  torch.cuda.max_memory_allocated. CPU: torch's memory profiler (profile_memory=True) records
+  every allocation and free made through torch's CPU allocator; the largest running total during
+  the step is its peak. That counts every tensor exactly (activations, logits, gradients) and
+  nothing else: no oneDNN scratch space or Python objects, and unlike the process's resident
+  memory it does not depend on what malloc keeps cached. The profiled step is the warm-up step
+  and is not timed.
+- On a CPU shared with other work, OpenMP threads that spin while waiting for each other make
+  multi-threaded timings erratic (here a Stage I step took 5-9x longer at 2 threads under load);
+  the script sets OMP_WAIT_POLICY=PASSIVE unless it is set already, for both sides alike.
+- bf16 on a CPU without bf16 matmul instructions (no AVX512-BF16 or AMX) is slower than fp32 and
+  depends on the operand layout; the notes print the rates of x @ W.T (forward) and x @ W (the
+  input gradient in backward), which bound what bf16 training can reach there. So the CPU bf16
+  run is a tiny one on the llama3 config.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory profiler's start/stop log lines
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import bireco  # noqa: E402
+from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
+from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
+
+CONFIGS = ("smollm2", "llama3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TARGETS = dict(step="speed >= 1.25x", memory="<= 0.60x", encode_equal=">= 1.00x",
+               encode_sorted=">= 1.50x", agree="> 0.999")
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
+parser.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(CONFIGS)}; default: both")
+parser.add_argument("--dtypes", default=None, help="comma-separated float32,bfloat16; default: "
+                    "bfloat16 on CUDA; on CPU float32 for every config plus bfloat16 for llama3")
+parser.add_argument("--batch-size", type=int, default=None, help="pairs per Stage I batch (default: workload())")
+parser.add_argument("--encode-batch-size", type=int, default=None, help="texts per encoding batch")
+parser.add_argument("--texts", type=int, default=None, help="texts in the encoding corpus")
+parser.add_argument("--repeats", type=int, default=None, help="timed repetitions of each side")
+parser.add_argument("--max-length", type=int, default=None, help="tokens per text, EOS included")
+parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+parser.add_argument("--seed", type=int, default=0)
+
+
+def workload(device, config, dtype):
+    """How much work each run does by default: sized so the whole CPU run takes a few minutes."""
+    if device.type == "cuda":
+        return dict(batch=32, texts=2048, encode_batch=64, repeats=5, max_length=512)
+    if dtype == torch.bfloat16:  # one pair: bf16 matmuls run at a few GFLOP/s or less on such CPUs
+        return dict(batch=1, texts=8, encode_batch=4, repeats=2, max_length=40)
+    if config == "smollm2":
+        return dict(batch=2, texts=32, encode_batch=4, repeats=2, max_length=64)
+    return dict(batch=16, texts=64, encode_batch=16, repeats=2, max_length=256)
+
+
+# -----------------------------------------------------------------------------
+# The two models, on the same weights
+
+
+def llama3_folder(out, tokenizer_dir, seed):
+    """A random Llama-3-vocabulary checkpoint (tied, 2 layers, hidden 256) with SmolLM2's tokenizer."""
+    with open(os.path.join(tokenizer_dir, "config.json")) as f:
+        hf = json.load(f)
+    cfg = ModelConfig.from_hf(dict(
+        model_type="llama", vocab_size=128256, hidden_size=256, intermediate_size=768,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+        rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=True,
+        bos_token_id=hf["bos_token_id"], eos_token_id=hf["eos_token_id"]))
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+    save_model(model, out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), out)
+    return out
+
+
+def load_both(path, device, dtype):
+    from transformers import LlamaForCausalLM
+
+    ours = load_model(path, device=device, dtype=dtype)
+    ref = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+    for name, p in ref.named_parameters():  # the same weights, or the comparison means nothing
+        assert torch.equal(p, ours.get_parameter(name)), name
+    return ours, ref
+
+
+# -----------------------------------------------------------------------------
+# The reference: transformers, used the way the official code computes Stage I
+
+
+def left_pad(seqs, pad_id):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def ref_embed(ref, seqs, pad_id):
+    """Last-token pooling over a left-padded batch: (B, D)."""
+    ids, mask = left_pad(seqs, pad_id)
+    dev = ref.lm_head.weight.device
+    out = ref.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+    return out.last_hidden_state[:, -1]
+
+
+def ref_reconstruction(ref, anchor, seqs, pad_id):
+    """[anchor, left-padded targets], default positions 0..n, full (B, n+1, V) logits, CE on targets."""
+    ids, mask = left_pad(seqs, pad_id)
+    dev = anchor.device
+    ids, mask = ids.to(dev), mask.to(dev)
+    x = torch.cat([anchor[:, None], ref.model.embed_tokens(ids)], dim=1)  # (B, n+1, D)
+    attn = torch.cat([mask.new_ones(len(seqs), 1), mask], dim=1)
+    labels = torch.cat([torch.full_like(ids[:, :1], -100), ids.masked_fill(mask == 0, -100)], dim=1)
+    return ref(inputs_embeds=x, attention_mask=attn, labels=labels, use_cache=False).loss
+
+
+def ref_stage1(ref, fmt, pairs, weights):
+    total = 0.0
+    for task, w in weights.items():
+        if task == "d2q":  # EBD2Q: E(document) regenerates the query
+            anchor = ref_embed(ref, [fmt.embed_ids(p.positive) for p in pairs], fmt.pad_id)
+            targets = [fmt.target_ids(p.query) for p in pairs]
+        else:  # EBQ2D: E(instruction, query) regenerates the document
+            anchor = ref_embed(ref, [fmt.embed_ids(p.query, p.instruction) for p in pairs], fmt.pad_id)
+            targets = [fmt.target_ids(p.positive) for p in pairs]
+        total = total + w * ref_reconstruction(ref, anchor, targets, fmt.pad_id)
+    total.backward()
+    return total.item()
+
+
+@torch.no_grad()
+def same_objective(ours, ref, fmt, pair):
+    """EBD2Q loss of one pair on both sides: without padding the reference's loss must equal ours."""
+    a = bireco.stage1_loss(ours, fmt, [pair], "d2q")[0].item()
+    anchor = ref_embed(ref, [fmt.embed_ids(pair.positive)], fmt.pad_id)
+    return a, ref_reconstruction(ref, anchor, [fmt.target_ids(pair.query)], fmt.pad_id).item()
+
+
+def ours_stage1(model, fmt, pairs, weights):
+    total = sum(w * bireco.stage1_loss(model, fmt, pairs, task)[0] for task, w in weights.items())
+    total.backward()
+    return total.item()
+
+
+@torch.no_grad()
+def ref_encode(ref, fmt, texts, batch_size):
+    out = []
+    for i in range(0, len(texts), batch_size):
+        e = ref_embed(ref, [fmt.embed_ids(t) for t in texts[i:i + batch_size]], fmt.pad_id)
+        out.append(F.normalize(e.float(), dim=-1).cpu())
+    return torch.cat(out).numpy()
+
+
+def ours_encode_unsorted(embedder, texts, batch_size):
+    """Ours with the texts in the given order: one Embedder call per batch, so nothing is sorted."""
+    return np.concatenate([embedder.encode(texts[i:i + batch_size], batch_size=batch_size)
+                           for i in range(0, len(texts), batch_size)])
+
+
+# -----------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def peak_memory(fn, device):
+    """Bytes allocated at the peak of fn() above those allocated when it starts (see docstring)."""
+    sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)  # the running total starts at 0 when profiling starts
+
+
+def interleaved(sides, repeats, device):
+    """Best time of each named side, alternating their order between repetitions."""
+    best = {name: float("inf") for name in sides}
+    names = list(sides)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            best[name] = min(best[name], timed(sides[name], device))
+    return best
+
+
+def matmul_peak(device, dtype, n):
+    """FLOP/s of the best of three n x n x n matmuls in the x @ W.T layout that nn.Linear uses."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    F.linear(a, b)
+    return 2 * n ** 3 / min(timed(lambda: F.linear(a, b), device) for _ in range(3))
+
+
+def model_flops(model, seq_lens, n_targets=0, training=True):
+    """Model FLOPs of a set of sequences of real lengths seq_lens (see docstring)."""
+    c = model.config
+    P = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    attn = 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim
+    forward = sum(2 * P * n + attn * n * n for n in seq_lens) + 2 * c.hidden_size * c.vocab_size * n_targets
+    return 3 * forward if training else forward
+
+
+# -----------------------------------------------------------------------------
+# Inputs
+
+
+def mixed_corpus(n, seed):
+    """n texts from the held-out WordNet split: single queries and glosses, and runs of 2-4 and
+    8-16 glosses joined into one text, so lengths vary widely, in a shuffled (unsorted) order."""
+    read = lambda name: [row["text"] for _, row in read_jsonl(os.path.join(ROOT, "wordnet", "test", name))]
+    queries, glosses = read("queries.jsonl.gz"), read("corpus.jsonl.gz")
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        kind = i % 10  # in every 10 texts: 4 queries, 3 glosses, 2 short runs, 1 long run
+        if kind < 4:
+            texts.append(rng.choice(queries))
+        else:
+            k = 1 if kind < 7 else rng.randint(2, 4) if kind < 9 else rng.randint(8, 16)
+            texts.append(" ".join(rng.sample(glosses, k)))
+    rng.shuffle(texts)
+    return texts
+
+
+def padded_tokens(lens, batch_size):
+    return sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, len(lens), batch_size))
+
+
+# -----------------------------------------------------------------------------
+# One config and dtype: the three comparisons
+
+
+class Rate(float):
+    """Achieved FLOP/s, printed as % of the matmul peak once the peak is known (end of the run)."""
+
+
+class Report:
+    def __init__(self):
+        self.rows, self.notes = [], []
+
+    def add(self, config, dtype, metric, ours, ref="", ratio="", target="", ok=None):
+        verdict = "" if ok is None else "ok" if ok else "MISS"
+        self.rows.append((config, dtype, metric, ours, ref, ratio, target, verdict))
+
+    def print(self, peaks):
+        mfu = lambda v, dtype: f"{100 * v / peaks[dtype]:.1f}" if isinstance(v, Rate) else v
+        rows = [(c, d, m, mfu(a, d), mfu(b, d), *rest) for c, d, m, a, b, *rest in self.rows]
+        header = ("config", "dtype", "metric", "ours", "reference", "ratio", "target", "")
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
+        print("\n" + line(header))
+        print("  ".join("-" * w for w in widths))
+        for r in rows:
+            print(line(r))
+        print("\nratio: speed of ours over the reference (for times: reference / ours); memory: ours / reference")
+        print("MFU = model FLOPs / time / matmul peak. Training FLOPs per sequence of n real tokens: "
+              "3 (2 P n + 2 L H d n^2), plus 6 D V per reconstruction target; encoding: 2 P n + 2 L H d n^2")
+        for n in self.notes:
+            print("- " + n)
+
+
+def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
+    dname = str(dtype).removeprefix("torch.")
+    print(f"== {config} {dname}: Stage I batch {w['batch']}, corpus {w['texts']} texts in batches of "
+          f"{w['encode_batch']}, max length {w['max_length']}, {w['repeats']} timed repetition(s)", flush=True)
+    add = lambda *a, **k: report.add(config, dname, *a, **k)
+    ours, ref = load_both(model_dir, device, dtype)
+    tok, eos_ids = load_tokenizer(model_dir)
+    fmt = TextFormat(tok, eos_ids, w["max_length"])
+
+    # 1. Stage I step, sum mode on both sides; ours also one task per batch (interleaved)
+    pairs = random.Random(seed).sample(all_pairs, w["batch"])
+    a, b = same_objective(ours, ref, fmt, pairs[0])
+    if abs(a - b) > (1e-3 if dtype == torch.float32 else 3e-2) * abs(a):
+        raise AssertionError(f"{config} {dname}: on one unpadded pair the reference's loss {b} != ours {a}")
+    ours.train(), ref.train()
+    losses = {}
+
+    def step(name, fn, model, weights):
+        def go():  # every step starts and ends without gradients, so allocating them is counted
+            losses[name] = fn(model, fmt, pairs, weights)
+            model.zero_grad(set_to_none=True)
+        return go
+
+    steps = {"ours": step("ours", ours_stage1, ours, dict(d2q=0.8, q2d=0.2)),
+             "ref": step("ref", ref_stage1, ref, dict(d2q=0.8, q2d=0.2)),
+             "ours d2q": step("ours d2q", ours_stage1, ours, dict(d2q=1.0)),
+             "ours q2d": step("ours q2d", ours_stage1, ours, dict(q2d=1.0))}
+    mem = {name: peak_memory(steps[name], device) for name in ("ours", "ref")}  # also the warm-up
+    t = interleaved(steps, w["repeats"], device)
+    t_inter = 0.8 * t["ours d2q"] + 0.2 * t["ours q2d"]
+    add("Stage I step, sum (s)", f"{t['ours']:.3f}", f"{t['ref']:.3f}", f"{t['ref'] / t['ours']:.2f}x",
+        TARGETS["step"], t["ref"] / t["ours"] >= 1.25)
+    add("Stage I peak memory (MB)", f"{mem['ours'] / 2**20:.1f}", f"{mem['ref'] / 2**20:.1f}",
+        f"{mem['ours'] / mem['ref']:.2f}x", TARGETS["memory"], mem["ours"] <= 0.6 * mem["ref"])
+    add("Stage I step, ours interleaved (s)", f"{t_inter:.3f}", f"{t['ref']:.3f}",
+        f"{t['ref'] / t_inter:.2f}x", "(vs reference sum)")
+    seqs = ([len(fmt.embed_ids(p.query, p.instruction)) for p in pairs]
+            + [len(fmt.embed_ids(p.positive)) for p in pairs])
+    targets = [len(fmt.target_ids(p.query)) for p in pairs] + [len(fmt.target_ids(p.positive)) for p in pairs]
+    flops = model_flops(ours, seqs + targets, sum(targets))
+    grads = sum(p.numel() * p.element_size() for p in ours.parameters())
+    report.notes.append(
+        f"{config} {dname}: Stage I loss on one unpadded pair: ours {a:.5f}, reference {b:.5f}; on the batch: "
+        f"ours {losses['ours']:.4f}, reference {losses['ref']:.4f} (the reference's left padding shifts "
+        f"positions); {sum(seqs) + sum(targets)} real tokens and {flops / 1e9:.1f} model GFLOP per sum "
+        f"step; both peaks include {grads / 2**20:.0f} MB of gradients")
+
+    # 2. encoding a mixed-length corpus at one batch size
+    texts = mixed_corpus(w["texts"], seed)
+    lens = [len(fmt.embed_ids(t)) for t in texts]
+    embedder, bs, out = bireco.Embedder(ours, fmt), w["encode_batch"], {}
+    ref.eval()
+    embedder.encode(texts[:bs], batch_size=bs), ref_encode(ref, fmt, texts[:bs], bs)  # warm-up
+    sides = {"ours sorted": lambda: out.__setitem__("ours sorted", embedder.encode(texts, batch_size=bs)),
+             "ours": lambda: out.__setitem__("ours", ours_encode_unsorted(embedder, texts, bs)),
+             "ref": lambda: out.__setitem__("ref", ref_encode(ref, fmt, texts, bs))}
+    rate = {k: len(texts) / v for k, v in interleaved(sides, w["repeats"], device).items()}
+    cos = min(float((out[k] * out["ref"]).sum(1).min()) for k in ("ours", "ours sorted"))
+    add("encode, equal batch, given order (texts/s)", f"{rate['ours']:.1f}", f"{rate['ref']:.1f}",
+        f"{rate['ours'] / rate['ref']:.2f}x", TARGETS["encode_equal"], rate["ours"] >= rate["ref"])
+    add("encode, ours length-sorted (texts/s)", f"{rate['ours sorted']:.1f}", f"{rate['ref']:.1f}",
+        f"{rate['ours sorted'] / rate['ref']:.2f}x", TARGETS["encode_sorted"],
+        rate["ours sorted"] >= 1.5 * rate["ref"])
+    add("encode, embedding agreement (min cos)", f"{cos:.6f}", target=TARGETS["agree"], ok=cos > 0.999)
+    report.notes.append(
+        f"{config} {dname}: corpus of {len(texts)} texts of {min(lens)}-{max(lens)} tokens (mean "
+        f"{np.mean(lens):.0f}); tokens per pass with padding: given order {padded_tokens(lens, bs)}, "
+        f"length-sorted {padded_tokens(sorted(lens), bs)}; real {sum(lens)}")
+
+    # 3. MFU, against the matmul peak of this dtype
+    enc_flops = model_flops(ours, lens, training=False)
+    add("MFU, Stage I sum step (%)", Rate(flops / t["ours"]), Rate(flops / t["ref"]), target="-")
+    add("MFU, encoding (%)", Rate(enc_flops * rate["ours sorted"] / len(texts)),
+        Rate(enc_flops * rate["ref"] / len(texts)), target="-")
+
+
+def peak_size(device, dtype):
+    return 8192 if device.type == "cuda" else 1024 if dtype == "bfloat16" else 2048
+
+
+def main():
+    args = parser.parse_args()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    if any(c not in CONFIGS for c in configs):
+        parser.error(f"--configs: choose from {', '.join(CONFIGS)}")
+    if args.dtypes:
+        if any(d not in DTYPES for d in args.dtypes.split(",")):
+            parser.error(f"--dtypes: choose from {', '.join(DTYPES)}")
+        runs = [(c, d) for c in configs for d in args.dtypes.split(",")]
+    elif device.type == "cuda":
+        runs = [(c, "bfloat16") for c in configs]
+    else:  # bf16 is slow on this kind of CPU: only the small config, on a tiny workload
+        runs = [(c, "float32") for c in configs] + [(c, "bfloat16") for c in configs if c == "llama3"]
+
+    import transformers
+    from smollm2 import default_model_dir
+
+    transformers.utils.logging.disable_progress_bar()
+    t0 = time.time()
+    report = Report()
+    print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}) "
+          f"| torch {torch.__version__} | transformers {transformers.__version__}", flush=True)
+    dtypes = sorted({d for _, d in runs})
+    peaks = {d: [matmul_peak(device, DTYPES[d], peak_size(device, d))] for d in dtypes}
+    if device.type == "cpu" and "bfloat16" in dtypes:
+        a = torch.randn(512, 512, dtype=torch.bfloat16)
+        rate = 2 * 512 ** 3 / min(timed(lambda: a @ a, device) for _ in range(2))
+        report.notes.append(f"bfloat16 on this CPU: x @ W (the layout of backward's input gradient) runs at "
+                            f"{rate / 1e9:.2f} GFLOP/s (512^3), against x @ W.T in the peak below")
+    smol = default_model_dir()
+    all_pairs = load_pairs(os.path.join(ROOT, "wordnet", "train"))["wordnet"]
+    with tempfile.TemporaryDirectory(prefix="bireco-benchmark-") as tmp:
+        for config, d in runs:
+            folder = smol if config == "smollm2" else os.path.join(tmp, config)
+            if not os.path.isdir(folder):
+                llama3_folder(folder, smol, args.seed)
+            w = workload(device, config, DTYPES[d])
+            w.update({k: v for k, v in (("batch", args.batch_size), ("texts", args.texts),
+                                        ("encode_batch", args.encode_batch_size), ("repeats", args.repeats),
+                                        ("max_length", args.max_length)) if v is not None})
+            run(config, DTYPES[d], device, w, folder, all_pairs, peaks, report, args.seed)
+    for d in dtypes:  # measured again at the end; other work on the machine only lowers a rate
+        peaks[d].append(matmul_peak(device, DTYPES[d], peak_size(device, d)))
+        start, end = (p / 1e9 for p in peaks[d])
+        report.notes.append(f"matmul peak {d}: {max(start, end):.1f} GFLOP/s (x @ W.T, {peak_size(device, d)}^3; "
+                            f"{start:.1f} at the start of the run, {end:.1f} at the end)")
+    report.print({d: max(p) for d, p in peaks.items()})
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
