@@ -43,8 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Per-stage defaults (paper, PAPER.md), sized down where the paper's scale cannot run on a CPU:
 # Stage I is a full fine-tune; Stage II trains LoRA adapters on q,k,v,o,gate,up,down.
 STAGE_DEFAULTS = {
-    "recon": dict(lr=4e-5, warmup=30, steps=300, batch_size=16, lora_rank=0),
-    "contrastive": dict(lr=2e-4, warmup=30, steps=300, batch_size=32, lora_rank=16),
+    "recon": dict(lr=4e-5, warmup=15, steps=150, batch_size=8, lora_rank=0),
+    "contrastive": dict(lr=2e-4, warmup=10, steps=100, batch_size=8, lora_rank=16),
 }
 # the paper: 2,000 Stage I steps and 300 warmup steps at global batch 512-1024 (see README)
 

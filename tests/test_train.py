@@ -88,12 +88,15 @@ def common(model, data, out, *extra):
 # CLI smoke runs
 
 
-@pytest.mark.parametrize("stage, loss_name, lr, negatives", [
-    ("recon", "d2q", 4e-5 * 2 / 30, None),  # steps 1-2 of the 4:1 pattern are EBD2Q; warmup 30
-    ("contrastive", "loss", 2e-4 * 2 / 30, 7),  # negatives/query = (B - 1) positives + B hard negatives
+@pytest.mark.parametrize("stage, loss_name, negatives", [
+    ("recon", "d2q", None),  # steps 1-2 of the 4:1 pattern are EBD2Q
+    ("contrastive", "loss", 7),  # negatives/query = (B - 1) positives + B hard negatives
 ], ids=["recon", "contrastive"])
-def test_cli_two_steps(stage, loss_name, lr, negatives, tiny_model_dir, tiny_data_dir, tmp_path):
+def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_dir, tmp_path):
     import transformers
+
+    defaults = train.STAGE_DEFAULTS[stage]
+    lr = defaults["lr"] * 2 / defaults["warmup"]  # step 2 of the linear warmup
 
     out = tmp_path / "run"
     proc = run_cli("--stage", stage, "--model", tiny_model_dir, "--data", tiny_data_dir, "--steps", "2",
