@@ -85,6 +85,7 @@ sys.path.insert(0, ROOT)
 import bireco  # noqa: E402
 from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
+from conftest import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
 
 CONFIGS = ("smollm2", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -156,19 +157,11 @@ def load_both(path, device, dtype):
 # The reference: transformers, used the way the official code computes Stage I
 
 
-def left_pad(seqs, pad_id):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
-
 
 def ref_embed(ref, seqs, pad_id):
     """Last-token pooling over a left-padded batch: (B, D)."""
     ids, mask = left_pad(seqs, pad_id)
+    mask = mask.long()  # transformers' attention_mask convention
     dev = ref.lm_head.weight.device
     out = ref.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
     return out.last_hidden_state[:, -1]
@@ -177,6 +170,7 @@ def ref_embed(ref, seqs, pad_id):
 def ref_reconstruction(ref, anchor, seqs, pad_id):
     """[anchor, left-padded targets], default positions 0..n, full (B, n+1, V) logits, CE on targets."""
     ids, mask = left_pad(seqs, pad_id)
+    mask = mask.long()
     dev = anchor.device
     ids, mask = ids.to(dev), mask.to(dev)
     x = torch.cat([anchor[:, None], ref.model.embed_tokens(ids)], dim=1)  # (B, n+1, D)

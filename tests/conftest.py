@@ -17,6 +17,17 @@ def wordnet_rows(n):
         return [json.loads(next(f)) for _ in range(n)]
 
 
+def left_pad(seqs, pad_id):
+    """Left-pads to the longest sequence (the mirror image of data.pad): ids (B, T), mask (B, T) bool."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = True
+    return ids, mask
+
+
 def make_tiny_checkpoint(path, model_type="llama", layers=2, seed=0, **extra):
     """Writes config.json, model.safetensors, tokenizer.json, generation_config.json to `path`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

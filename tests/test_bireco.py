@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import wordnet_rows
+from conftest import left_pad, wordnet_rows
 
 import bireco
 from data import Pair, TextFormat, pad
@@ -37,16 +37,6 @@ def alone(model, ids):
     """Final hidden states of one unpadded sequence, no mask at all: (T, D)."""
     with torch.no_grad():
         return model(torch.tensor([ids]))[0]
-
-
-def left_pad(seqs, pad_id):
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = True
-    return ids, mask
 
 
 # -----------------------------------------------------------------------------
