@@ -11,8 +11,9 @@ scores: nDCG@10 on the held-out WordNet retrieval task through eval.py (mteb). A
   baseline      Stage II only, from the base model
   ours          Stage I (EBD2Q:EBQ2D = 4:1, interleaved) then Stage II from its checkpoint
   ablations     Stage I with EBQ2D only, EBD2Q only, or both summed every batch; then Stage II
-For the first seed, both main arms are evaluated every --eval-every Stage II steps (the paper's
-early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
+Every arm runs with every seed (the main comparison for all seeds first, then the curve, then
+the ablations). For the first seed, both main arms are also evaluated every --eval-every Stage II
+steps (the paper's early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
 anchor, on held-out pairs) is measured before and after Stage I.
 
 Every finished unit is recorded in <out>/results.json at once, and a re-run skips it, so the
@@ -118,21 +119,27 @@ def main():
     unit("base/diagnostic", lambda: diagnostic(base))
 
     def stage1(name, seed, flags):
+        """The Stage I checkpoint, trained now if it is not on disk (training is seeded, so a
+        checkpoint deleted after its scores were recorded comes back the same)."""
         d = os.path.join(args.out, f"{name}-s{seed}", "recon")
+        if not os.path.isdir(os.path.join(d, "latest")):
+            results.pop(f"{name}/s{seed}/recon", None)
         unit(f"{name}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base,
              "--steps", str(args.recon_steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
              "--warmup", str(args.recon_steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or d)
         return os.path.join(d, "latest")
 
     def stage2(name, seed, start, curve):
+        """Stage II from `start` (a folder, or a function that returns one when first needed)."""
         d = os.path.join(args.out, f"{name}-s{seed}", "contrastive")
         points = list(range(args.eval_every, args.contrastive_steps, args.eval_every)) if curve else []
         points.append(args.contrastive_steps)
         done = 0
         for p in points:
             def train_to(p=p, done=done):
-                if done == 0:
-                    run(["train.py", "--stage", "contrastive", "--model", start, "--steps",
+                if done == 0 or not os.path.isdir(os.path.join(d, "latest")):
+                    run(["train.py", "--stage", "contrastive", "--model", start() if callable(start) else start,
+                         "--steps",
                          str(args.contrastive_steps), "--batch-size", str(args.contrastive_batch),
                          "--seed", str(seed), "--warmup", str(args.contrastive_steps // 10),
                          "--save-every", str(args.contrastive_steps), "--out", d, "--overwrite"]
@@ -146,15 +153,18 @@ def main():
             unit(f"{name}/s{seed}/contrastive@{p}", train_to)
             done = p
 
-    for i, seed in enumerate(args.seeds):
-        stage2("baseline", seed, base, curve=i == 0)
-        ours = stage1("ours", seed, [])
-        if i == 0:
-            unit("ours/s0/recon/diagnostic", lambda: diagnostic(ours))
-            unit("ours/s0/recon/eval", lambda: evaluate(ours, os.path.dirname(ours)))
-        stage2("ours", seed, ours, curve=i == 0)
-    for name, flags in {} if args.no_ablations else ABLATIONS.items():  # first seed only
-        stage2(name, args.seeds[0], stage1(name, args.seeds[0], flags), curve=False)
+    first = args.seeds[0]
+    unit(f"ours/s{first}/recon/diagnostic", lambda: diagnostic(stage1("ours", first, [])))
+    unit(f"ours/s{first}/recon/eval", lambda: evaluate(stage1("ours", first, []),
+                                                        os.path.join(args.out, f"ours-s{first}", "recon")))
+    for seed in args.seeds:  # the main comparison for every seed first, then the curve, then ablations
+        stage2("baseline", seed, base, curve=False)
+        stage2("ours", seed, lambda seed=seed: stage1("ours", seed, []), curve=False)
+    stage2("baseline", first, base, curve=True)
+    stage2("ours", first, lambda: stage1("ours", first, []), curve=True)
+    for seed in [] if args.no_ablations else args.seeds:
+        for name, flags in ABLATIONS.items():
+            stage2(name, seed, lambda name=name, flags=flags, seed=seed: stage1(name, seed, flags), curve=False)
     report(results, args.out)
 
 
