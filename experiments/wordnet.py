@@ -12,7 +12,7 @@ scores: nDCG@10 on the held-out WordNet retrieval task through eval.py (mteb). A
   ours          Stage I (EBD2Q:EBQ2D = 4:1, interleaved) then Stage II from its checkpoint
   ablations     Stage I with EBQ2D only, EBD2Q only, or both summed every batch; then Stage II
 Every arm runs with every seed (the main comparison for all seeds first, then the curve, then
-the ablations). For the first seed, both main arms are also evaluated every --eval-every Stage II
+the ablations; --long-recon adds a longer Stage I for the first seed, after its ablations). For the first seed, both main arms are also evaluated every --eval-every Stage II
 steps (the paper's early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
 anchor, on held-out pairs) is measured before and after Stage I.
 
@@ -43,6 +43,8 @@ parser.add_argument("--contrastive-steps", type=int, default=40, help="Stage II 
 parser.add_argument("--contrastive-batch", type=int, default=8, help="Stage II pairs per batch")
 parser.add_argument("--eval-every", type=int, default=20, help="Stage II steps between curve points")
 parser.add_argument("--no-ablations", action="store_true", help="skip the Stage I ablations")
+parser.add_argument("--long-recon", type=int, default=0, metavar="STEPS",
+                    help="also an arm 'ours-reconSTEPS': a longer Stage I, then the same Stage II (first seed)")
 parser.add_argument("--report", action="store_true", help="only print the table and draw the plot")
 parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                     help="further train.py flags for every run (e.g. --device cuda --dtype bfloat16)")
@@ -118,15 +120,15 @@ def main():
     unit("base/eval", lambda: evaluate(base, os.path.join(args.out, "base")))
     unit("base/diagnostic", lambda: diagnostic(base))
 
-    def stage1(name, seed, flags):
+    def stage1(name, seed, flags, steps=args.recon_steps):
         """The Stage I checkpoint, trained now if it is not on disk (training is seeded, so a
         checkpoint deleted after its scores were recorded comes back the same)."""
         d = os.path.join(args.out, f"{name}-s{seed}", "recon")
         if not os.path.isdir(os.path.join(d, "latest")):
             results.pop(f"{name}/s{seed}/recon", None)
         unit(f"{name}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base,
-             "--steps", str(args.recon_steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
-             "--warmup", str(args.recon_steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or d)
+             "--steps", str(steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
+             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or d)
         return os.path.join(d, "latest")
 
     def stage2(name, seed, start, curve):
@@ -162,9 +164,15 @@ def main():
         stage2("ours", seed, lambda seed=seed: stage1("ours", seed, []), curve=False)
     stage2("baseline", first, base, curve=True)
     stage2("ours", first, lambda: stage1("ours", first, []), curve=True)
-    for seed in [] if args.no_ablations else args.seeds:
-        for name, flags in ABLATIONS.items():
+    for seed in args.seeds:
+        for name, flags in {} if args.no_ablations else ABLATIONS.items():
             stage2(name, seed, lambda name=name, flags=flags, seed=seed: stage1(name, seed, flags), curve=False)
+        if seed == first and args.long_recon:  # does more Stage I make the anchor matter?
+            name = f"ours-recon{args.long_recon}"
+            long = lambda name=name: stage1(name, first, [], args.long_recon)
+            unit(f"{name}/s{first}/recon/diagnostic", lambda: diagnostic(long()))
+            unit(f"{name}/s{first}/recon/eval", lambda: evaluate(long(), os.path.dirname(long())))
+            stage2(name, first, long, curve=False)
     report(results, args.out)
 
 
@@ -172,7 +180,8 @@ def report(results, out):
     """Markdown table (mean ± spread over seeds) and the convergence plot."""
     import statistics
 
-    arms = ["baseline", "ours"] + list(ABLATIONS)
+    longer = sorted({k.split("/")[0] for k in results if k.startswith("ours-recon")})
+    arms = ["baseline", "ours"] + list(ABLATIONS) + longer
     final = {}
     for arm in arms:
         keys = sorted(k for k in results if k.startswith(f"{arm}/s") and "/contrastive@" in k
@@ -190,11 +199,12 @@ def report(results, out):
     print("| --- | --- | --- | --- | --- |")
     if "base/eval" in results:
         print(f"| base model, no training | {results['base/eval']['ndcg_at_10']:.4f} | - | - | 0 |")
-    if "ours/s0/recon/eval" in results:
-        print(f"| after Stage I only | {results['ours/s0/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
+    for arm in ["ours"] + longer:
+        if f"{arm}/s0/recon/eval" in results:
+            print(f"| {arm}, after Stage I only | {results[f'{arm}/s0/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
     for arm, (m, s, n, steps) in final.items():
         print(f"| {arm} | {m:.4f} | {s:.4f} | {n} | {steps} |")
-    for name in ("base/diagnostic", "ours/s0/recon/diagnostic"):
+    for name in ["base/diagnostic", "ours/s0/recon/diagnostic"] + [f"{a}/s0/recon/diagnostic" for a in longer]:
         if name in results:
             d = results[name]
             print(f"{name}: " + ", ".join(f"{t} true {v['true']:.3f} vs shuffled {v['shuffled']:.3f}"
