@@ -203,7 +203,7 @@ def report(results, out):
         if f"{arm}/s0/recon/eval" in results:
             print(f"| {arm}, after Stage I only | {results[f'{arm}/s0/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
     for arm, (m, s, n, steps) in final.items():
-        print(f"| {arm} | {m:.4f} | {s:.4f} | {n} | {steps} |")
+        print(f"| {arm} | {m:.4f} | {f'{s:.4f}' if n > 1 else '-'} | {n} | {steps} |")
     for name in ["base/diagnostic", "ours/s0/recon/diagnostic"] + [f"{a}/s0/recon/diagnostic" for a in longer]:
         if name in results:
             d = results[name]
