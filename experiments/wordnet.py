@@ -128,7 +128,7 @@ def main():
             results.pop(f"{name}/s{seed}/recon", None)
         unit(f"{name}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base,
              "--steps", str(steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
-             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or d)
+             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or os.path.relpath(d, args.out))
         return os.path.join(d, "latest")
 
     def stage2(name, seed, start, curve):
