@@ -4,6 +4,7 @@ The paper's claim at small scale: does Stage I (bidirectional reconstruction) be
 
   python experiments/wordnet.py                       # the whole experiment (hours on a 2-core CPU)
   python experiments/wordnet.py --seeds 0 --no-ablations   # the main comparison only
+  python experiments/wordnet.py --ablations d2q-only       # one ablation (for every seed)
   python experiments/wordnet.py --report              # table + plot from what has finished so far
 
 Model: the embedded SmolLM2-135M-Instruct (or --model). Data: the bundled WordNet train split;
@@ -43,6 +44,8 @@ parser.add_argument("--contrastive-steps", type=int, default=40, help="Stage II 
 parser.add_argument("--contrastive-batch", type=int, default=8, help="Stage II pairs per batch")
 parser.add_argument("--eval-every", type=int, default=20, help="Stage II steps between curve points")
 parser.add_argument("--no-ablations", action="store_true", help="skip the Stage I ablations")
+parser.add_argument("--ablations", nargs="+", default=["q2d-only", "d2q-only", "sum"],
+                    choices=["q2d-only", "d2q-only", "sum"], help="which ablations to run")
 parser.add_argument("--long-recon", type=int, default=0, metavar="STEPS",
                     help="also an arm 'ours-reconSTEPS': a longer Stage I, then the same Stage II (first seed)")
 parser.add_argument("--report", action="store_true", help="only print the table and draw the plot")
@@ -165,7 +168,8 @@ def main():
     stage2("baseline", first, base, curve=True)
     stage2("ours", first, lambda: stage1("ours", first, []), curve=True)
     for seed in args.seeds:
-        for name, flags in {} if args.no_ablations else ABLATIONS.items():
+        for name in [] if args.no_ablations else args.ablations:
+            flags = ABLATIONS[name]
             stage2(name, seed, lambda name=name, flags=flags, seed=seed: stage1(name, seed, flags), curve=False)
         if seed == first and args.long_recon:  # does more Stage I make the anchor matter?
             name = f"ours-recon{args.long_recon}"
