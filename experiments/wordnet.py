@@ -13,8 +13,9 @@ scores: nDCG@10 on the held-out WordNet retrieval task through eval.py (mteb). A
   ours          Stage I (EBD2Q:EBQ2D = 4:1, interleaved) then Stage II from its checkpoint
   ablations     Stage I with EBQ2D only, EBD2Q only, or both summed every batch; then Stage II
 Every arm runs with every seed (the main comparison for all seeds first, then the curve, then
-the ablations; --long-recon adds a longer Stage I for the first seed, after its ablations). For the first seed, both main arms are also evaluated every --eval-every Stage II
-steps (the paper's early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
+the ablations; --long-recon adds a longer Stage I for the first seed, after its ablations). For
+the first seed, both main arms are also evaluated every --eval-every Stage II steps (the paper's
+early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
 anchor, on held-out pairs) is measured before and after Stage I.
 
 Every finished unit is recorded in <out>/results.json at once, and a re-run skips it, so the
@@ -104,7 +105,7 @@ def main():
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.isfile(path) else {}
     if args.report:
-        return report(results, args.out)
+        return report(results, args.out, args.seeds[0])
 
     def unit(name, fn):  # run once, record at once
         if name not in results:
@@ -158,10 +159,14 @@ def main():
             unit(f"{name}/s{seed}/contrastive@{p}", train_to)
             done = p
 
+    def after_stage1(name, steps=args.recon_steps):
+        """The diagnostic and the held-out score of the first seed's Stage I checkpoint."""
+        ckpt = lambda: stage1(name, first, [], steps)
+        unit(f"{name}/s{first}/recon/diagnostic", lambda: diagnostic(ckpt()))
+        unit(f"{name}/s{first}/recon/eval", lambda: evaluate(ckpt(), os.path.dirname(ckpt())))
+
     first = args.seeds[0]
-    unit(f"ours/s{first}/recon/diagnostic", lambda: diagnostic(stage1("ours", first, [])))
-    unit(f"ours/s{first}/recon/eval", lambda: evaluate(stage1("ours", first, []),
-                                                        os.path.join(args.out, f"ours-s{first}", "recon")))
+    after_stage1("ours")
     for seed in args.seeds:  # the main comparison for every seed first, then the curve, then ablations
         stage2("baseline", seed, base, curve=False)
         stage2("ours", seed, lambda seed=seed: stage1("ours", seed, []), curve=False)
@@ -173,15 +178,14 @@ def main():
             stage2(name, seed, lambda name=name, flags=flags, seed=seed: stage1(name, seed, flags), curve=False)
         if seed == first and args.long_recon:  # does more Stage I make the anchor matter?
             name = f"ours-recon{args.long_recon}"
-            long = lambda name=name: stage1(name, first, [], args.long_recon)
-            unit(f"{name}/s{first}/recon/diagnostic", lambda: diagnostic(long()))
-            unit(f"{name}/s{first}/recon/eval", lambda: evaluate(long(), os.path.dirname(long())))
-            stage2(name, first, long, curve=False)
-    report(results, args.out)
+            after_stage1(name, args.long_recon)
+            stage2(name, first, lambda name=name: stage1(name, first, [], args.long_recon), curve=False)
+    report(results, args.out, first)
 
 
-def report(results, out):
-    """Markdown table (mean ± spread over seeds) and the convergence plot."""
+def report(results, out, first=0):
+    """Markdown table (mean ± spread over seeds) and the convergence plot; single-seed rows and the
+    curve are the `first` seed's."""
     import statistics
 
     longer = sorted({k.split("/")[0] for k in results if k.startswith("ours-recon")})
@@ -204,20 +208,20 @@ def report(results, out):
     if "base/eval" in results:
         print(f"| base model, no training | {results['base/eval']['ndcg_at_10']:.4f} | - | - | 0 |")
     for arm in ["ours"] + longer:
-        if f"{arm}/s0/recon/eval" in results:
-            print(f"| {arm}, after Stage I only | {results[f'{arm}/s0/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
+        if f"{arm}/s{first}/recon/eval" in results:
+            print(f"| {arm}, after Stage I only | {results[f'{arm}/s{first}/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
     for arm, (m, s, n, steps) in final.items():
         print(f"| {arm} | {m:.4f} | {f'{s:.4f}' if n > 1 else '-'} | {n} | {steps} |")
-    for name in ["base/diagnostic", "ours/s0/recon/diagnostic"] + [f"{a}/s0/recon/diagnostic" for a in longer]:
+    for name in ["base/diagnostic"] + [f"{a}/s{first}/recon/diagnostic" for a in ["ours"] + longer]:
         if name in results:
             d = results[name]
             print(f"{name}: " + ", ".join(f"{t} true {v['true']:.3f} vs shuffled {v['shuffled']:.3f}"
                                           for t, v in d.items()))
     curve = {}
-    for arm, start in (("baseline", "base/eval"), ("ours", "ours/s0/recon/eval")):
+    for arm, start in (("baseline", "base/eval"), ("ours", f"ours/s{first}/recon/eval")):
         pts = [(0, results[start]["ndcg_at_10"])] if start in results else []
         pts += sorted((int(k.rsplit("@", 1)[1]), v["ndcg_at_10"]) for k, v in results.items()
-                      if k.startswith(f"{arm}/s0/contrastive@") and not k.endswith(".seconds"))
+                      if k.startswith(f"{arm}/s{first}/contrastive@") and not k.endswith(".seconds"))
         curve[arm] = pts
     try:
         import matplotlib
