@@ -198,18 +198,20 @@ def report(results, out, first=0):
             if step >= by_seed.get(seed, (0, None))[0]:
                 by_seed[seed] = (step, results[k]["ndcg_at_10"])
         if by_seed:
-            vals = [v for _, v in by_seed.values()]
-            final[arm] = (statistics.mean(vals), statistics.pstdev(vals), len(vals),
+            vals = [v for _, (_, v) in sorted(by_seed.items(), key=lambda kv: int(kv[0][1:]))]
+            final[arm] = (statistics.mean(vals), statistics.pstdev(vals), vals,
                           max(s for s, _ in by_seed.values()))
-    print("| arm | nDCG@10 (mean) | spread (std) | seeds | Stage II steps |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| arm | nDCG@10 (mean) | spread (std) | per seed | seeds | Stage II steps |")
+    print("| --- | --- | --- | --- | --- | --- |")
     if "base/eval" in results:
-        print(f"| base model, no training | {results['base/eval']['ndcg_at_10']:.4f} | - | - | 0 |")
+        print(f"| base model, no training | {results['base/eval']['ndcg_at_10']:.4f} | - | - | - | 0 |")
     for arm in ["ours"] + longer:
         if f"{arm}/s{first}/recon/eval" in results:
-            print(f"| {arm}, after Stage I only | {results[f'{arm}/s{first}/recon/eval']['ndcg_at_10']:.4f} | - | 1 | 0 |")
-    for arm, (m, s, n, steps) in final.items():
-        print(f"| {arm} | {m:.4f} | {f'{s:.4f}' if n > 1 else '-'} | {n} | {steps} |")
+            v = results[f"{arm}/s{first}/recon/eval"]["ndcg_at_10"]
+            print(f"| {arm}, after Stage I only | {v:.4f} | - | - | 1 | 0 |")
+    for arm, (m, s, vals, steps) in final.items():
+        print(f"| {arm} | {m:.4f} | {f'{s:.4f}' if len(vals) > 1 else '-'} | "
+              f"{' / '.join(f'{v:.4f}' for v in vals)} | {len(vals)} | {steps} |")
     for name in ["base/diagnostic"] + [f"{a}/s{first}/recon/diagnostic" for a in ["ours"] + longer]:
         if name in results:
             d = results[name]
