@@ -5,6 +5,8 @@ The paper's claim at small scale: does Stage I (bidirectional reconstruction) be
   python experiments/wordnet.py                       # the whole experiment (hours on a 2-core CPU)
   python experiments/wordnet.py --seeds 0 --no-ablations   # the main comparison only
   python experiments/wordnet.py --ablations d2q-only       # one ablation (for every seed)
+  python experiments/wordnet.py --no-ablations --contrastive-steps 120 --out out/experiment-ii120
+                                                      # a longer Stage II, in its own folder
   python experiments/wordnet.py --report              # table + plot from what has finished so far
 
 Model: the embedded SmolLM2-135M-Instruct (or --model). Data: the bundled WordNet train split;
