@@ -43,6 +43,7 @@ parser.add_argument("--out", default=os.path.join(ROOT, "out", "experiment"), he
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
 parser.add_argument("--recon-steps", type=int, default=40, help="Stage I steps")
 parser.add_argument("--recon-batch", type=int, default=8, help="Stage I pairs per batch")
+parser.add_argument("--recon-lr", type=float, default=None, help="Stage I peak learning rate (default: train.py's)")
 parser.add_argument("--contrastive-steps", type=int, default=40, help="Stage II steps (both arms)")
 parser.add_argument("--contrastive-batch", type=int, default=8, help="Stage II pairs per batch")
 parser.add_argument("--eval-every", type=int, default=20, help="Stage II steps between curve points")
@@ -126,6 +127,8 @@ def main():
     unit("base/eval", lambda: evaluate(base, os.path.join(args.out, "base")))
     unit("base/diagnostic", lambda: diagnostic(base))
 
+    recon_lr = [] if args.recon_lr is None else ["--lr", str(args.recon_lr)]
+
     def stage1(name, seed, flags, steps=args.recon_steps):
         """The Stage I checkpoint, trained now if it is not on disk (training is seeded, so a
         checkpoint deleted after its scores were recorded comes back the same)."""
@@ -134,7 +137,8 @@ def main():
             results.pop(f"{name}/s{seed}/recon", None)
         unit(f"{name}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base,
              "--steps", str(steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
-             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + args.extra) or os.path.relpath(d, args.out))
+             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + recon_lr + args.extra)
+             or os.path.relpath(d, args.out))
         return os.path.join(d, "latest")
 
     def stage2(name, seed, start, curve):

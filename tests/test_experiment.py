@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def experiment(model, out):
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "wordnet.py"), "--model", model, "--out", str(out),
            "--seeds", "0", "--no-ablations", "--recon-steps", "2", "--recon-batch", "2",
-           "--contrastive-steps", "2", "--contrastive-batch", "2", "--eval-every", "1", "--long-recon", "3"]
+           "--contrastive-steps", "2", "--contrastive-batch", "2", "--eval-every", "1", "--long-recon", "3", "--recon-lr", "3e-5"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -38,7 +38,8 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     assert f"{scores['baseline/s0/contrastive@2']['ndcg_at_10']:.4f}" in row and row.rstrip().endswith("| 1 | 2 |")
     assert any(line.startswith("| ours-recon3 |") for line in stdout.splitlines())
     with open(os.path.join(out, "ours-recon3-s0", "recon", "latest", "meta.json")) as f:
-        assert json.load(f)["step"] == 3  # the longer Stage I ran its own step count
+        meta = json.load(f)
+    assert meta["step"] == 3 and meta["args"]["lr"] == 3e-5  # its own step count, and --recon-lr
 
     # nothing left to do: a second run trains nothing
     again, results2 = experiment(tiny_model_dir, out)
