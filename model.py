@@ -171,20 +171,26 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, at=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        xq = x
+        if at is not None:  # queries at one position per row, at[b]; keys and values everywhere
+            rows = torch.arange(B, device=x.device)
+            xq, mask = x[rows, at][:, None], mask[rows, :, at][:, :, None]  # (B, 1, D), (B, 1, 1, T)
+            qcos, qsin = cos[rows, :, at][:, :, None], sin[rows, :, at][:, :, None]
+        q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, d)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(q, cos, sin) if at is None else apply_rope(q, qcos, qsin)
+        k = apply_rope(k, cos, sin)
         # grouped-query attention: each key/value head serves H/K query heads
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, d)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T or 1, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], -1))
 
 
 class MLP(nn.Module):
@@ -206,8 +212,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, at=None):
+        h = self.input_layernorm(x)
+        if at is not None:  # only position at[b] of each row goes on: (B, 1, D)
+            x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
+        x = x + self.self_attn(h, cos, sin, mask, at)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -238,10 +247,13 @@ class Transformer(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, padding_mask=None, position_ids=None,
-                causal: bool = True):
+                causal: bool = True, last=None):
         """Returns the final-norm hidden states (B, T, D); `lm_head` is applied by the caller.
         padding_mask (B, T): True/1 at real tokens, pads on either side. position_ids (B, T):
-        default counts real tokens only (0 at each row's first real token)."""
+        default counts real tokens only (0 at each row's first real token).
+        last (B,): when only the state at position last[b] of each row is wanted (an embedding),
+        the final layer computes its queries, attention output and MLP there alone (1/L of the
+        work saved) and the result is (B, 1, D)."""
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         if padding_mask is None:
@@ -254,11 +266,12 @@ class Transformer(nn.Module):
         freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, d/2)
         cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
         mask = attention_mask(padding_mask, causal)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            at = last if i == len(self.model.layers) - 1 else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, at, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, at)
         return self.model.norm(x)
 
 

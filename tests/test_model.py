@@ -60,10 +60,14 @@ def test_parity_with_transformers(name, side, tmp_path):
         h = ours(ids, padding_mask=mask)
         logits = ours.lm_head(h)
         h_emb = ours(inputs_embeds=ours.model.embed_tokens(ids), padding_mask=mask)
+        last = (mask * torch.arange(7)).argmax(1)
+        h_last = ours(ids, padding_mask=mask, last=last)  # the final layer at the last tokens only
     # transformers' last hidden state is after the final norm, like ours
     torch.testing.assert_close(h[mask], want.hidden_states[-1][mask], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[mask], want.logits[mask], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(h_emb[mask], h[mask], atol=1e-5, rtol=1e-5)
+    assert h_last.shape == (3, 1, TINY["hidden_size"])
+    torch.testing.assert_close(h_last[:, 0], want.hidden_states[-1][torch.arange(3), last], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["llama-untied-llama3-rope", "qwen3-qknorm", "qwen2-bias"])
@@ -127,6 +131,28 @@ def test_gradient_checkpointing_same_gradients():
         m.lm_head(m(ids)).logsumexp(-1).sum().backward()
         grads.append(m.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_last_position_only_equals_full_pass(causal):
+    """forward(last=i) is the full pass read at position i of each row, in value and in every
+    parameter's gradient, also under activation checkpointing; any position, not only the last."""
+    cfg = ModelConfig.from_hf(dict(TINY, model_type="qwen3"))
+    m = Transformer(cfg)
+    ids, lengths, left, right = batches()
+    rows = torch.arange(3)
+    for mask, at in ((left, torch.tensor([6, 6, 6])), (right, torch.tensor([6, 3, 0])), (right, torch.tensor([2, 1, 0]))):
+        results = []
+        for last in (None, at):
+            m.zero_grad(set_to_none=True)
+            m.gradient_checkpointing = last is not None
+            h = m(ids, padding_mask=mask, causal=causal, last=last)
+            e = h[rows, at] if last is None else h[:, 0]
+            e.pow(2).sum().backward()
+            results.append([e.detach()] + [p.grad for p in m.parameters()])
+        assert results[0][1].abs().sum() > 0
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
