@@ -21,7 +21,6 @@ Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a bat
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from data import Pair, TextFormat, pad
 from model import Transformer
@@ -30,13 +29,17 @@ from model import Transformer
 # Embeddings
 
 
+def last_index(mask):
+    """mask (B, T) True at real tokens, padding on either side -> (B,) each row's last real index."""
+    return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+
+
 def pool(hidden, mask, pooling: str = "last"):
     """hidden (B, T, D), mask (B, T) True at real tokens, padding on either side -> (B, D)."""
     if pooling == "mean":
         m = mask[..., None].to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1)
-    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)  # last real index
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index(mask)]
 
 
 def embed(model: Transformer, ids, mask, eos_id: int | None = None, pooling: str = "last"):
@@ -45,6 +48,8 @@ def embed(model: Transformer, ids, mask, eos_id: int | None = None, pooling: str
     if eos_id is not None and pooling == "last":  # cheap guard: the pooled token must be the EOS
         last = pool(ids[..., None], mask)[:, 0]
         assert (last == eos_id).all(), f"pooled token ids {last.tolist()} are not EOS {eos_id}"
+    if pooling == "last":  # the final layer runs at the pooled position only
+        return model(ids, padding_mask=mask, last=last_index(mask))[:, 0]
     return pool(model(ids, padding_mask=mask), mask, pooling)
 
 
@@ -84,42 +89,115 @@ class Embedder:
 # Stage I: embedding-based reconstruction (EBQ2D, EBD2Q)
 
 
-def _ce_sum(h, y, weight):
-    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by target_cross_entropy: 128 MB in fp32
 
 
-def target_cross_entropy(model: Transformer, h, y, chunk: int = 1024):
-    """Summed cross-entropy of hidden states h (N, D) against token ids y (N,). lm_head runs on
-    `chunk` rows at a time and each chunk's (chunk, V) logits are recomputed in backward rather
-    than stored, so memory never holds more than one chunk of logits."""
-    total = h.new_zeros((), dtype=torch.float32)
+def _chunked_cross_entropy(h, weight, y, chunk, row_weights=None, grad_h=None, grad_w=None):
+    """Cross-entropy of each row of the logits h @ weight.T against y, `chunk` rows at a time:
+    (N,) fp32. Given buffers, also the gradient of sum(row_weights * ce): per chunk, d ce / d logits
+    = softmax - one_hot is at hand right after the loss, and gives grad_h = g @ weight and
+    grad_w += g.T @ h."""
+    ce = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for i in range(0, h.shape[0], chunk):
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_ce_sum, h[i:i + chunk], y[i:i + chunk], model.lm_head.weight,
-                                       use_reentrant=False)
-        else:
-            total = total + _ce_sum(h[i:i + chunk], y[i:i + chunk], model.lm_head.weight)
-    return total
+        hc, yc = h[i:i + chunk], y[i:i + chunk]
+        logits = F.linear(hc, weight).float()  # (chunk, V), the only block of logits alive
+        lse = torch.logsumexp(logits, dim=-1)
+        ce[i:i + chunk] = lse - logits.gather(1, yc[:, None])[:, 0]
+        if grad_h is None and grad_w is None:
+            continue
+        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+        g[torch.arange(len(yc), device=g.device), yc] -= 1
+        if row_weights is not None:
+            g *= row_weights[i:i + chunk, None]
+        g = g.to(h.dtype)
+        if grad_h is not None:
+            torch.mm(g, weight, out=grad_h[i:i + chunk])
+        if grad_w is not None:
+            grad_w.addmm_(g.T, hc)
+    return ce
 
 
-def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int = 1024):
-    """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
+def _weighted_sum(ce, row_weights):
+    return ce.sum() if row_weights is None else (ce * row_weights).sum()
 
-    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n).
-    Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; input position k predicts y_(k+1)."""
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """target_cross_entropy with autograd: the gradients are computed in the forward pass, so
+    backward only scales them by the incoming gradient; no logits are stored or recomputed."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, row_weights, chunk):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        ce = _chunked_cross_entropy(h, weight, y, chunk, row_weights, grad_h, grad_w)
+        ctx.grads = grad_h, grad_w
+        ctx.mark_non_differentiable(ce)
+        return _weighted_sum(ce, row_weights), ce
+
+    @staticmethod
+    def backward(ctx, g, _):
+        if ctx.grads is None:
+            raise RuntimeError("target_cross_entropy: backward ran twice through one loss (retain_graph)")
+        grads, ctx.grads = ctx.grads, None  # handed over, not copied: AccumulateGrad may keep them
+        grad_h, grad_w = (x if x is None or g.item() == 1.0 else x.mul_(g) for x in grads)
+        return grad_h, grad_w, None, None, None
+
+
+def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int | None = None):
+    """Cross-entropy of hidden states h (N, D) against token ids y (N,) through model.lm_head.
+    Returns (sum over rows, weighted by row_weights (N,) if given; each row's loss (N,), detached).
+    lm_head runs on `chunk` rows at a time (default: LOGITS_PER_CHUNK / V rows), so memory never
+    holds more than one chunk of logits; with autograd on, each chunk's gradient is taken before
+    the next chunk (see _LinearCrossEntropy)."""
+    weight = model.lm_head.weight
+    chunk = chunk or max(1, LOGITS_PER_CHUNK // weight.shape[0])
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, y, row_weights, chunk)
+    ce = _chunked_cross_entropy(h, weight, y, chunk)
+    return _weighted_sum(ce, row_weights), ce
+
+
+def _decode(model: Transformer, anchor, targets, mask):
+    """The decoder pass of Stage I: final states at the target positions and their targets,
+    (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; position k predicts
+    y_(k+1)."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
     tok = model.model.embed_tokens(targets[:, :-1])  # (B, n-1, D)
     x = torch.cat([anchor[:, None, :].to(tok.dtype), tok], dim=1)  # (B, n, D)
     h = model(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
-    return target_cross_entropy(model, h[mask], targets[mask], chunk) / mask.sum()
+    return h[mask], targets[mask]
 
 
-def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int = 1024):
+def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None):
+    """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
+    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n)."""
+    h, y = _decode(model, anchor, targets, mask)
+    return target_cross_entropy(model, h, y, chunk=chunk)[0] / len(y)
+
+
+def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
-    positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction)."""
+    positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
+    Returns (loss, target tokens)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
     return reconstruction_loss(model, anchor, targets, mask, chunk), int(mask.sum())
+
+
+def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weights: dict[str, float],
+                    chunk: int | None = None):
+    """Several Stage I tasks on one batch, summed with weights, as the official code does
+    (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
+    pass then serves all their target rows, each weighted by its task's weight over its task's
+    target count, so one lm_head gradient (V x D) is held until backward, not one per task.
+    Returns (loss, {task: (its loss value, its target tokens)})."""
+    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task)) for task in weights]
+    h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
+    sizes = [len(y) for _, y in parts]
+    row_weights = torch.cat([torch.full((n,), w / n, device=y.device) for w, n in zip(weights.values(), sizes)])
+    total, ce = target_cross_entropy(model, h, y, row_weights, chunk)
+    return total, {task: (part.mean().item(), n) for task, part, n in zip(weights, ce.split(sizes), sizes)}
 
 
 def _stage1_inputs(model, fmt, pairs, task):

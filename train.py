@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from bireco import contrastive_loss, embed_texts, stage1_loss
+from bireco import contrastive_loss, embed_texts, stage1_loss, stage1_sum_loss
 from data import Batches, DataError, TextFormat, load_pairs, stage1_task
 from model import load_model, load_tokenizer, save_model
 
@@ -204,18 +204,12 @@ def recon_step(model, fmt, batch, micro, args, ctx):
     """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)})."""
     w = dict(d2q=args.task_weights[0], q2d=args.task_weights[1])
     if args.mode == "interleave":
-        tasks = [stage1_task(micro, w["d2q"], w["q2d"])]
-        weights = {tasks[0]: 1.0}
-    else:
-        tasks = [t for t in ("d2q", "q2d") if w[t] > 0]
-        weights = w
-    total, logs = 0.0, {}
-    for task in tasks:
+        task = stage1_task(micro, w["d2q"], w["q2d"])
         with ctx:
             loss, n_tok = stage1_loss(model, fmt, batch, task)
-        total = total + weights[task] * loss
-        logs[task] = (loss.item(), n_tok)
-    return total, logs
+        return loss, {task: (loss.item(), n_tok)}
+    with ctx:  # sum: both tasks, one output-layer pass over their targets
+        return stage1_sum_loss(model, fmt, batch, {t: w[t] for t in ("d2q", "q2d") if w[t] > 0})
 
 
 def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):

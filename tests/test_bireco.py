@@ -157,6 +157,25 @@ def test_stage1_loss_tasks(model, fmt, rows):
         bireco.stage1_loss(model, fmt, pairs, "both")
 
 
+def test_stage1_sum_loss_is_the_weighted_sum(model, fmt, rows):
+    """stage1_sum_loss (one output-layer pass for both tasks) equals 0.8 L_D2Q + 0.2 L_Q2D taken
+    task by task, in value and in every gradient, and reports each task's own loss."""
+    pairs = [Pair(r["query"], r["positive"], None, "Find the definition") for r in rows[:3]]
+    params = list(model.parameters())
+    weights = dict(d2q=0.8, q2d=0.2)
+    total, logs = bireco.stage1_sum_loss(model, fmt, pairs, weights)
+    got = torch.autograd.grad(total, params)
+    parts = {task: bireco.stage1_loss(model, fmt, pairs, task) for task in weights}
+    want_total = sum(w * parts[task][0] for task, w in weights.items())
+    want = torch.autograd.grad(want_total, params)
+    torch.testing.assert_close(total, want_total, **TOL)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
+    for task in weights:
+        assert logs[task][1] == parts[task][1]
+        assert logs[task][0] == pytest.approx(parts[task][0].item(), rel=1e-5)
+
+
 def test_padded_targets_carry_no_loss(model, fmt, rows):
     """Ids at padded target positions (mask False) do not change the loss."""
     anchor, ys = anchors_and_targets(model, fmt, rows[:4])
@@ -170,7 +189,7 @@ def test_padded_targets_carry_no_loss(model, fmt, rows):
 
 
 def test_chunked_cross_entropy_equals_unchunked(model, fmt, rows):
-    """Logits in chunks of 3 (recomputed in backward) give the same loss and gradients as one chunk."""
+    """Logits in chunks of 3 give the same loss and gradients as one chunk."""
     anchor, ys = anchors_and_targets(model, fmt, rows[:3])
     t, m = pad(ys, fmt.pad_id)
     params = list(model.parameters())
@@ -184,6 +203,61 @@ def test_chunked_cross_entropy_equals_unchunked(model, fmt, rows):
     for x, y in zip(g3, g1):
         torch.testing.assert_close(x, y, **TOL)
     assert g3[0].abs().sum() > 0
+
+
+class _Head(torch.nn.Module):  # what target_cross_entropy reads of a model: lm_head
+    def __init__(self, weight):
+        super().__init__()
+        self.lm_head = torch.nn.Module()
+        self.lm_head.weight = weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_target_cross_entropy_gradients_equal_autograd(dtype, weighted):
+    """The gradients taken inside the forward pass equal autograd's through full logits, scaled by
+    the incoming gradient (here 0.3), with per-row weights or without, in chunks that do not
+    divide N; the per-row losses are the plain cross-entropies."""
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(13, 8, generator=g), torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (13,), generator=g)
+    rw = torch.rand(13, generator=g) if weighted else None
+    sides = []
+    for fused in (True, False):
+        h = h0.to(dtype).requires_grad_(True)
+        w = torch.nn.Parameter(w0.to(dtype))
+        if fused:
+            loss, rows = bireco.target_cross_entropy(_Head(w), h, y, rw, chunk=5)
+        else:
+            rows = F.cross_entropy(F.linear(h, w).float(), y, reduction="none")
+            loss = rows.sum() if rw is None else (rows * rw).sum()
+        (0.3 * loss).backward()
+        sides.append((loss.detach(), rows.detach(), h.grad.float(), w.grad.float()))
+    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for ours, ref in zip(*sides):
+        torch.testing.assert_close(ours, ref, **tol)
+    assert sides[0][2].abs().sum() > 0 and sides[0][3].abs().sum() > 0
+
+
+def test_target_cross_entropy_frozen_weight_no_grad_and_retain_graph():
+    """A frozen lm_head gets no gradient (h still does); without autograd only the loss is
+    computed; a second backward through one loss is refused with a clear error."""
+    h0, w = torch.randn(7, 4), torch.randn(11, 4)
+    y = torch.arange(7)
+    want = F.cross_entropy(F.linear(h0, w), y, reduction="sum")
+    h = h0.clone().requires_grad_(True)
+    loss = bireco.target_cross_entropy(_Head(w), h, y, chunk=3)[0]
+    torch.testing.assert_close(loss, want, **TOL)
+    loss.backward(retain_graph=True)
+    ref = h0.clone().requires_grad_(True)
+    F.cross_entropy(F.linear(ref, w), y, reduction="sum").backward()
+    torch.testing.assert_close(h.grad, ref.grad, **TOL)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+    with torch.no_grad():
+        loss = bireco.target_cross_entropy(_Head(torch.nn.Parameter(w)), h, y)[0]
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, want, **TOL)
 
 
 def test_gradient_reaches_the_encoder_through_the_anchor(model, fmt, rows):
