@@ -6,13 +6,16 @@ it); run it directly:
   python tests/benchmark.py                    # CPU defaults: about 3 minutes on 2 cores
   python tests/benchmark.py --device cuda      # the default where a GPU is present: bf16
   python tests/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
+  python tests/benchmark.py --configs smollm2 --batch-size 8 --doc-tokens 256 --max-length 320 \
+      --grad-ckpt --sum-only --repeats 1      # paper-shaped Stage I: passages, checkpointing
 
 What is compared, for each model config and dtype
 1. One Stage I step (paper, Stage I) in `sum` mode: E(query) and E(document), both reconstructions
    (EBD2Q and EBQ2D) on the same batch, loss 0.8 L_D2Q + 0.2 L_Q2D, backward. The optimizer step is
    left out (the same on both sides).
-   ours: bireco.stage1_loss for each task: the anchor directly before the target tokens, logits
-   only at target positions, in chunks that backward recomputes.
+   ours: bireco.stage1_sum_loss, as train.py's sum mode: the anchor directly before the target
+   tokens; one output-layer pass over both tasks' target positions only, in chunks whose
+   gradients are taken as soon as their loss is (no logits kept for backward).
    reference: transformers' LlamaForCausalLM (attn_implementation="sdpa") used the way the official
    code computes Stage I: E(.) is the last hidden state at the last position of a left-padded
    batch; the decoder input is [anchor, left-padded target tokens] with default position ids;
@@ -37,7 +40,16 @@ What is compared, for each model config and dtype
        training = 3 x forward
    P = parameters outside the embedding and lm_head, L layers, H query heads, d head size, D
    hidden size, V vocabulary; 2 L H d n^2 is causal attention (QK^T and AV over half the n x n
-   square). Padding and our recomputed lm_head chunk are work done but not counted.
+   square). Padding is work done but not counted.
+
+Workloads
+- The defaults (workload()) fit the whole CPU run into a few minutes: WordNet pairs, whose
+  documents are one gloss (~10-40 tokens), so the output layer is a small part of a step.
+- The paper's Stage I is a full fine-tune on passages at max length 512, which on any model needs
+  activation checkpointing (llm2vec, which the official code forks, turns it on in its configs);
+  --doc-tokens N extends each document with other glosses to N+ tokens and --grad-ckpt checkpoints
+  every layer on both sides. That is where the (B, T, V) logits weigh most next to what the layers
+  keep; on 2 CPU cores one such SmolLM2 step takes about half a minute.
 
 Configs
 - smollm2: the real SmolLM2-135M-Instruct (smollm2.default_model_dir; set $BIRECO_CACHE).
@@ -73,6 +85,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loa
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory profiler's start/stop log lines
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -109,6 +122,12 @@ parser.add_argument("--texts", type=int, default=None, help="texts in the encodi
 parser.add_argument("--repeats", type=int, default=None, help="timed repetitions of each side")
 parser.add_argument("--max-length", type=int, default=None, help="tokens per text, EOS included")
 parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+parser.add_argument("--doc-tokens", type=int, default=0, help="Stage I documents of at least this many "
+                    "tokens (glosses joined; --max-length still cuts); 0: WordNet's one-gloss documents")
+parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer on both "
+                    "sides, as full fine-tuning at max length 512 needs (llm2vec's configs turn it on)")
+parser.add_argument("--sum-only", action="store_true", help="time only the two sum steps (no interleaved "
+                    "or bound rows): for long workloads")
 parser.add_argument("--seed", type=int, default=0)
 
 
@@ -207,7 +226,7 @@ def same_objective(ours, ref, fmt, pair):
 
 
 def ours_stage1(model, fmt, pairs, weights):
-    total = sum(w * bireco.stage1_loss(model, fmt, pairs, task)[0] for task, w in weights.items())
+    total = bireco.stage1_sum_loss(model, fmt, pairs, weights)[0]
     total.backward()
     return total.item()
 
@@ -217,7 +236,8 @@ def floor_stage1(model, fmt, pairs, weights):
     hidden states): the encoder and decoder passes alone, which any Stage I implementation runs.
     Its time and memory over the reference's bound what output-layer savings can reach."""
     real = bireco.target_cross_entropy
-    bireco.target_cross_entropy = lambda model, h, y, chunk=0: h.float().sum()
+    bireco.target_cross_entropy = lambda model, h, y, row_weights=None, chunk=None: (
+        h.float().sum(), h.new_zeros(len(y)))
     try:
         return ours_stage1(model, fmt, pairs, weights)
     finally:
@@ -325,6 +345,18 @@ def mixed_corpus(n, seed):
     return texts
 
 
+def long_documents(pairs, all_pairs, fmt, tokens, seed):
+    """The pairs with each positive extended by other pairs' glosses to at least `tokens` tokens:
+    passage-length Stage I targets, as in the paper's data, from the same real text."""
+    rng, out = random.Random(seed), []
+    for p in pairs:
+        doc = p.positive
+        while len(fmt.ids(doc)) < tokens:
+            doc += " " + rng.choice(all_pairs).positive
+        out.append(dataclasses.replace(p, positive=doc))
+    return out
+
+
 def padded_tokens(lens, batch_size):
     return sum(max(lens[i:i + batch_size]) * len(lens[i:i + batch_size]) for i in range(0, len(lens), batch_size))
 
@@ -364,7 +396,9 @@ class Report:
 
 def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     dname = str(dtype).removeprefix("torch.")
-    print(f"== {config} {dname}: Stage I batch {w['batch']}, corpus {w['texts']} texts in batches of "
+    extra = ((f", documents of {w['doc_tokens']}+ tokens" if w["doc_tokens"] else "")
+             + (", activation checkpointing" if w["grad_ckpt"] else ""))
+    print(f"== {config} {dname}: Stage I batch {w['batch']}{extra}, corpus {w['texts']} texts in batches of "
           f"{w['encode_batch']}, max length {w['max_length']}, {w['repeats']} timed repetition(s)", flush=True)
     add = lambda *a, **k: report.add(config, dname, *a, **k)
     ours, ref = load_both(model_dir, device, dtype)
@@ -373,10 +407,19 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
 
     # 1. Stage I step, sum mode on both sides; ours also one task per batch (interleaved)
     pairs = random.Random(seed).sample(all_pairs, w["batch"])
+    if w["doc_tokens"]:
+        pairs = long_documents(pairs, all_pairs, fmt, w["doc_tokens"], seed)
     a, b = same_objective(ours, ref, fmt, pairs[0])
     if abs(a - b) > (1e-3 if dtype == torch.float32 else 3e-2) * abs(a):
         raise AssertionError(f"{config} {dname}: on one unpadded pair the reference's loss {b} != ours {a}")
     ours.train(), ref.train()
+    if w["grad_ckpt"]:
+        ours.gradient_checkpointing = True
+        kw = dict(use_reentrant=False)
+        if hasattr(ref, "activation_checkpointing_enable"):  # its name since transformers 5.x
+            ref.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            ref.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     losses = {}
 
     def step(name, fn, model, weights):
@@ -386,23 +429,25 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
         return go
 
     steps = {"ours": step("ours", ours_stage1, ours, dict(d2q=0.8, q2d=0.2)),
-             "ref": step("ref", ref_stage1, ref, dict(d2q=0.8, q2d=0.2)),
-             "ours d2q": step("ours d2q", ours_stage1, ours, dict(d2q=1.0)),
-             "ours q2d": step("ours q2d", ours_stage1, ours, dict(q2d=1.0)),
-             "floor": step("floor", floor_stage1, ours, dict(d2q=0.8, q2d=0.2))}
-    mem = {name: peak_memory(steps[name], device) for name in ("ours", "ref", "floor")}  # also the warm-up
-    t = interleaved(steps, w["repeats"], device)
-    t_inter = 0.8 * t["ours d2q"] + 0.2 * t["ours q2d"]
+             "ref": step("ref", ref_stage1, ref, dict(d2q=0.8, q2d=0.2))}
+    if not w["sum_only"]:
+        steps.update({"ours d2q": step("ours d2q", ours_stage1, ours, dict(d2q=1.0)),
+                      "ours q2d": step("ours q2d", ours_stage1, ours, dict(q2d=1.0)),
+                      "floor": step("floor", floor_stage1, ours, dict(d2q=0.8, q2d=0.2))})
+    mem = {name: peak_memory(steps[name], device) for name in steps if name in ("ours", "ref", "floor")}
+    t = interleaved(steps, w["repeats"], device)  # the profiled step above was the warm-up
     add("Stage I step, sum (s)", f"{t['ours']:.3f}", f"{t['ref']:.3f}", f"{t['ref'] / t['ours']:.2f}x",
         TARGETS["step"], t["ref"] / t["ours"] >= 1.25)
     add("Stage I peak memory (MB)", f"{mem['ours'] / 2**20:.1f}", f"{mem['ref'] / 2**20:.1f}",
         f"{mem['ours'] / mem['ref']:.2f}x", TARGETS["memory"], mem["ours"] <= 0.6 * mem["ref"])
-    add("Stage I step, ours interleaved (s)", f"{t_inter:.3f}", f"{t['ref']:.3f}",
-        f"{t['ref'] / t_inter:.2f}x", "(vs reference sum)")
-    add("Stage I sum step without output layer (s)", f"{t['floor']:.3f}", f"{t['ref']:.3f}",
-        f"{t['ref'] / t['floor']:.2f}x", "(bound)")
-    add("Stage I memory without output layer (MB)", f"{mem['floor'] / 2**20:.1f}", f"{mem['ref'] / 2**20:.1f}",
-        f"{mem['floor'] / mem['ref']:.2f}x", "(bound)")
+    if not w["sum_only"]:
+        t_inter = 0.8 * t["ours d2q"] + 0.2 * t["ours q2d"]
+        add("Stage I step, ours interleaved (s)", f"{t_inter:.3f}", f"{t['ref']:.3f}",
+            f"{t['ref'] / t_inter:.2f}x", "(vs reference sum)")
+        add("Stage I sum step without output layer (s)", f"{t['floor']:.3f}", f"{t['ref']:.3f}",
+            f"{t['ref'] / t['floor']:.2f}x", "(bound)")
+        add("Stage I memory without output layer (MB)", f"{mem['floor'] / 2**20:.1f}",
+            f"{mem['ref'] / 2**20:.1f}", f"{mem['floor'] / mem['ref']:.2f}x", "(bound)")
     seqs = ([len(fmt.embed_ids(p.query, p.instruction)) for p in pairs]
             + [len(fmt.embed_ids(p.positive)) for p in pairs])
     targets = [len(fmt.target_ids(p.query)) for p in pairs] + [len(fmt.target_ids(p.positive)) for p in pairs]
@@ -491,6 +536,7 @@ def main():
             w.update({k: v for k, v in (("batch", args.batch_size), ("texts", args.texts),
                                         ("encode_batch", args.encode_batch_size), ("repeats", args.repeats),
                                         ("max_length", args.max_length)) if v is not None})
+            w.update(doc_tokens=args.doc_tokens, grad_ckpt=args.grad_ckpt, sum_only=args.sum_only)
             run(config, DTYPES[d], device, w, folder, all_pairs, peaks, report, args.seed)
     for d in dtypes:  # measured again at the end; other work on the machine only lowers a rate
         peaks[d].append(matmul_peak(device, DTYPES[d], peak_size(device, d)))
