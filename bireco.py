@@ -8,7 +8,8 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
   back into the same LLM as one input embedding directly before the other side's tokens
   y_1..y_n, at position 0, whatever the padding. The anchor position predicts y_1, position k
   predicts y_(k+1): teacher-forced next-token prediction of the content tokens only. Logits are
-  computed only at those n positions and in chunks, never for the whole (B, T, V) block.
+  computed only at those n positions and in chunks, never for the whole (B, T, V) block, and each
+  chunk's gradient is taken right after its loss, so no logits are kept for backward.
   Gradients flow through the anchor into the pass that produced it.
 - Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
   all positives and hard negatives of the batch.
@@ -140,7 +141,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if ctx.grads is None:
             raise RuntimeError("target_cross_entropy: backward ran twice through one loss (retain_graph)")
         grads, ctx.grads = ctx.grads, None  # handed over, not copied: AccumulateGrad may keep them
-        grad_h, grad_w = (x if x is None or g.item() == 1.0 else x.mul_(g) for x in grads)
+        grad_h, grad_w = (None if x is None else x.mul_(g) for x in grads)
         return grad_h, grad_w, None, None, None
 
 

@@ -141,7 +141,8 @@ def test_last_position_only_equals_full_pass(causal):
     m = Transformer(cfg)
     ids, lengths, left, right = batches()
     rows = torch.arange(3)
-    for mask, at in ((left, torch.tensor([6, 6, 6])), (right, torch.tensor([6, 3, 0])), (right, torch.tensor([2, 1, 0]))):
+    cases = (left, [6, 6, 6]), (right, [6, 3, 0]), (right, [2, 1, 0])  # last real tokens, then others
+    for mask, at in ((m, torch.tensor(i)) for m, i in cases):
         results = []
         for last in (None, at):
             m.zero_grad(set_to_none=True)
