@@ -85,6 +85,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loa
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory profiler's start/stop log lines
 
 import argparse
+import copy
 import dataclasses
 import json
 import random
@@ -108,7 +109,7 @@ from conftest import left_pad  # noqa: E402  (this folder is on sys.path when ru
 CONFIGS = ("smollm2", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = dict(step="speed >= 1.25x", memory="<= 0.60x", encode_equal=">= 1.00x",
-               encode_sorted=">= 1.50x", agree="> 0.999")
+               encode_sorted=">= 1.50x", agree="> 0.999", agree_bf16="ours >= ref - 0.001")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -219,10 +220,18 @@ def ref_stage1(ref, fmt, pairs, weights):
 
 @torch.no_grad()
 def same_objective(ours, ref, fmt, pair):
-    """EBD2Q loss of one pair on both sides: without padding the reference's loss must equal ours."""
-    a = bireco.stage1_loss(ours, fmt, [pair], "d2q")[0].item()
-    anchor = ref_embed(ref, [fmt.embed_ids(pair.positive)], fmt.pad_id)
-    return a, ref_reconstruction(ref, anchor, [fmt.target_ids(pair.query)], fmt.pad_id).item()
+    """EBD2Q loss of one pair on both sides, (ours, reference): without padding the two compute
+    the same function, so in fp32 the losses must agree. In bf16 they round differently (on
+    SmolLM2 one pair's loss is 12.45 in fp32, 12.32 ours and 11.16 the reference's in bf16), so a
+    bf16 run checks fp32 copies of its weights and reports its own losses as well."""
+    def losses(ours, ref):
+        a = bireco.stage1_loss(ours, fmt, [pair], "d2q")[0].item()
+        anchor = ref_embed(ref, [fmt.embed_ids(pair.positive)], fmt.pad_id)
+        return a, ref_reconstruction(ref, anchor, [fmt.target_ids(pair.query)], fmt.pad_id).item()
+    native = losses(ours, ref)
+    if ours.lm_head.weight.dtype == torch.float32:
+        return native, native
+    return losses(copy.deepcopy(ours).float(), copy.deepcopy(ref).float()), native
 
 
 def ours_stage1(model, fmt, pairs, weights):
@@ -409,9 +418,9 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     pairs = random.Random(seed).sample(all_pairs, w["batch"])
     if w["doc_tokens"]:
         pairs = long_documents(pairs, all_pairs, fmt, w["doc_tokens"], seed)
-    a, b = same_objective(ours, ref, fmt, pairs[0])
-    if abs(a - b) > (1e-3 if dtype == torch.float32 else 3e-2) * abs(a):
-        raise AssertionError(f"{config} {dname}: on one unpadded pair the reference's loss {b} != ours {a}")
+    (a, b), (a_native, b_native) = same_objective(ours, ref, fmt, pairs[0])
+    if abs(a - b) > 1e-3 * abs(a):
+        raise AssertionError(f"{config} {dname}: on one unpadded pair in fp32 the reference's loss {b} != ours {a}")
     ours.train(), ref.train()
     if w["grad_ckpt"]:
         ours.gradient_checkpointing = True
@@ -454,7 +463,8 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     flops = model_flops(ours, seqs + targets, sum(targets))
     grads = sum(p.numel() * p.element_size() for p in ours.parameters())
     report.notes.append(
-        f"{config} {dname}: Stage I loss on one unpadded pair: ours {a:.5f}, reference {b:.5f}; on the batch: "
+        f"{config} {dname}: Stage I loss on one unpadded pair: ours {a:.5f}, reference {b:.5f} in fp32"
+        f"{'' if dtype == torch.float32 else f', ours {a_native:.5f}, reference {b_native:.5f} in {dname}'}; on the batch: "
         f"ours {losses['ours']:.4f}, reference {losses['ref']:.4f} (the reference's left padding shifts "
         f"positions); {sum(seqs) + sum(targets)} real tokens and {flops / 1e9:.1f} model GFLOP per sum "
         f"step; both peaks include {grads / 2**20:.0f} MB of gradients")
@@ -475,7 +485,14 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     add("encode, ours length-sorted (texts/s)", f"{rate['ours sorted']:.1f}", f"{rate['ref']:.1f}",
         f"{rate['ours sorted'] / rate['ref']:.2f}x", TARGETS["encode_sorted"],
         rate["ours sorted"] >= 1.5 * rate["ref"])
-    add("encode, embedding agreement (min cos)", f"{cos:.6f}", target=TARGETS["agree"], ok=cos > 0.999)
+    if dtype == torch.float32:
+        add("encode, embedding agreement (min cos)", f"{cos:.6f}", target=TARGETS["agree"], ok=cos > 0.999)
+    else:  # each side rounds its own way: both against fp32 embeddings from the same weights
+        exact = bireco.Embedder(copy.deepcopy(ours).float(), fmt).encode(texts, batch_size=bs)
+        c_ours, c_ref = (float((out[k] * exact).sum(1).min()) for k in ("ours sorted", "ref"))
+        add("encode, min cos to fp32 embeddings", f"{c_ours:.6f}", f"{c_ref:.6f}",
+            target=TARGETS["agree_bf16"], ok=c_ours >= c_ref - 1e-3)
+        report.notes.append(f"{config} {dname}: min cos between our embeddings and the reference's: {cos:.6f}")
     report.notes.append(
         f"{config} {dname}: corpus of {len(texts)} texts of {min(lens)}-{max(lens)} tokens (mean "
         f"{np.mean(lens):.0f}); tokens per pass with padding: given order {padded_tokens(lens, bs)}, "
