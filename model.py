@@ -176,8 +176,12 @@ class Attention(nn.Module):
         xq = x
         if at is not None:  # queries at one position per row, at[b]; keys and values everywhere
             rows = torch.arange(B, device=x.device)
-            xq, mask = x[rows, at][:, None], mask[rows, :, at][:, :, None]  # (B, 1, D), (B, 1, 1, T)
+            xq = x[rows, at][:, None]  # (B, 1, D)
             qcos, qsin = cos[rows, :, at][:, :, None], sin[rows, :, at][:, :, None]
+            if mask is None:  # plain causal: the keys up to at[b]
+                mask = torch.arange(T, device=x.device)[None, None, None, :] <= at[:, None, None, None]
+            else:
+                mask = mask[rows, :, at][:, :, None]  # (B, 1, 1, T)
         q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -189,7 +193,7 @@ class Attention(nn.Module):
         # grouped-query attention: each key/value head serves H/K query heads
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T or 1, d)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, Tq, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], -1))
 
 
@@ -222,7 +226,12 @@ class Block(nn.Module):
 
 def attention_mask(padding_mask, causal: bool):
     """The one place attention is masked. padding_mask (B, T), True at real tokens.
-    Returns a boolean (B, 1, T, T) mask, True where query t may attend to key s."""
+    Returns a boolean (B, 1, T, T) mask, True where query t may attend to key s; or None where
+    plain causal attention is already exact: causal, with every row's padding after its real
+    tokens (data.pad), so no real query reaches a pad key. SDPA then runs with is_causal, which
+    needs no mask in memory and allows its fastest kernels."""
+    if causal and not (padding_mask[:, 1:] & ~padding_mask[:, :-1]).any():
+        return None
     B, T = padding_mask.shape
     allowed = padding_mask[:, None, None, :].expand(B, 1, T, T)
     if causal:

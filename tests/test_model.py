@@ -133,6 +133,16 @@ def test_gradient_checkpointing_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_mask_only_where_causal_attention_needs_one():
+    """Right padding under causal attention needs no mask (is_causal is exact at real tokens, as
+    the parity test's right-padded rows show); left padding and bidirectional attention do."""
+    ids, lengths, left, right = batches()
+    assert attention_mask(right, causal=True) is None
+    assert attention_mask(torch.ones_like(right), causal=True) is None
+    assert attention_mask(left, causal=True).shape == (3, 1, 7, 7)
+    assert attention_mask(right, causal=False).shape == (3, 1, 7, 7)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_last_position_only_equals_full_pass(causal):
     """forward(last=i) is the full pass read at position i of each row, in value and in every
