@@ -97,24 +97,31 @@ def _chunked_cross_entropy(h, weight, y, chunk, row_weights=None, grad_h=None, g
     """Cross-entropy of each row of the logits h @ weight.T against y, `chunk` rows at a time:
     (N,) fp32. Given buffers, also the gradient of sum(row_weights * ce): per chunk, d ce / d logits
     = softmax - one_hot is at hand right after the loss, and gives grad_h = g @ weight and
-    grad_w += g.T @ h."""
+    grad_w += g.T @ h. Matmuls run in autocast's dtype when it is on (fp32 weights, bf16 compute),
+    else in h's; gradients are kept in their buffers' dtypes."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    h, w = h.to(dtype), weight.to(dtype)  # no copies without autocast
     ce = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    for i in range(0, h.shape[0], chunk):
-        hc, yc = h[i:i + chunk], y[i:i + chunk]
-        logits = F.linear(hc, weight).float()  # (chunk, V), the only block of logits alive
-        lse = torch.logsumexp(logits, dim=-1)
-        ce[i:i + chunk] = lse - logits.gather(1, yc[:, None])[:, 0]
-        if grad_h is None and grad_w is None:
-            continue
-        g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-        g[torch.arange(len(yc), device=g.device), yc] -= 1
-        if row_weights is not None:
-            g *= row_weights[i:i + chunk, None]
-        g = g.to(h.dtype)
-        if grad_h is not None:
-            torch.mm(g, weight, out=grad_h[i:i + chunk])
-        if grad_w is not None:
-            grad_w.addmm_(g.T, hc)
+    with torch.autocast(device, enabled=False):
+        for i in range(0, h.shape[0], chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            logits = F.linear(hc, w).float()  # (chunk, V), the only block of logits alive
+            lse = torch.logsumexp(logits, dim=-1)
+            ce[i:i + chunk] = lse - logits.gather(1, yc[:, None])[:, 0]
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            g[torch.arange(len(yc), device=g.device), yc] -= 1
+            if row_weights is not None:
+                g *= row_weights[i:i + chunk, None]
+            g = g.to(dtype)
+            if grad_h is not None:
+                grad_h[i:i + chunk] = g @ w
+            if grad_w is not None and grad_w.dtype == dtype:
+                grad_w.addmm_(g.T, hc)
+            elif grad_w is not None:  # fp32 gradient of an fp32 weight under bf16 autocast
+                grad_w += g.T @ hc
     return ce
 
 

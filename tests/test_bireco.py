@@ -239,6 +239,28 @@ def test_target_cross_entropy_gradients_equal_autograd(dtype, weighted):
     assert sides[0][2].abs().sum() > 0 and sides[0][3].abs().sum() > 0
 
 
+@pytest.mark.parametrize("h_dtype", [torch.float32, torch.bfloat16])
+def test_target_cross_entropy_under_autocast(h_dtype):
+    """Under bf16 autocast with fp32 weights (train.py --dtype bfloat16) the loss and gradients
+    match autograd's under the same autocast, and each gradient has its tensor's dtype."""
+    g = torch.Generator().manual_seed(1)
+    h0, w0 = torch.randn(13, 8, generator=g).to(h_dtype), torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (13,), generator=g)
+    sides = []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(True), torch.nn.Parameter(w0.clone())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = bireco.target_cross_entropy(_Head(w), h, y, chunk=5)[0]
+            else:
+                loss = F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")
+        loss.backward()
+        assert h.grad.dtype == h_dtype and w.grad.dtype == torch.float32
+        sides.append((loss.detach(), h.grad.float(), w.grad))
+    for ours, ref in zip(*sides):
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=3e-2)
+
+
 def test_target_cross_entropy_frozen_weight_no_grad_and_retain_graph():
     """A frozen lm_head gets no gradient (h still does); without autograd only the loss is
     computed; a second backward through one loss is refused with a clear error."""
