@@ -46,12 +46,13 @@ def pool(hidden, mask, pooling: str = "last"):
 def embed(model: Transformer, ids, mask, eos_id: int | None = None, pooling: str = "last"):
     """E(text) for a padded batch: ids, mask (B, T) -> (B, D), differentiable."""
     ids, mask = ids.to(model.lm_head.weight.device), mask.to(model.lm_head.weight.device)
-    if eos_id is not None and pooling == "last":  # cheap guard: the pooled token must be the EOS
-        last = pool(ids[..., None], mask)[:, 0]
+    if pooling != "last":
+        return pool(model(ids, padding_mask=mask), mask, pooling)
+    at = last_index(mask)
+    if eos_id is not None:  # cheap guard: the pooled token must be the EOS
+        last = ids[torch.arange(ids.shape[0], device=ids.device), at]
         assert (last == eos_id).all(), f"pooled token ids {last.tolist()} are not EOS {eos_id}"
-    if pooling == "last":  # the final layer runs at the pooled position only
-        return model(ids, padding_mask=mask, last=last_index(mask))[:, 0]
-    return pool(model(ids, padding_mask=mask), mask, pooling)
+    return model(ids, padding_mask=mask, last=at)[:, 0]  # the final layer at the pooled position only
 
 
 def embed_texts(model, fmt: TextFormat, items: list[tuple[str | None, str]], pooling="last"):

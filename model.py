@@ -173,7 +173,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, at=None):
         B, T, _ = x.shape
-        xq = x
+        xq, qcos, qsin = x, cos, sin
         if at is not None:  # queries at one position per row, at[b]; keys and values everywhere
             rows = torch.arange(B, device=x.device)
             xq = x[rows, at][:, None]  # (B, 1, D)
@@ -188,8 +188,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, d)
-        q = apply_rope(q, cos, sin) if at is None else apply_rope(q, qcos, qsin)
-        k = apply_rope(k, cos, sin)
+        q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)
         # grouped-query attention: each key/value head serves H/K query heads
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)

@@ -219,19 +219,20 @@ def ref_stage1(ref, fmt, pairs, weights):
 
 
 @torch.no_grad()
-def same_objective(ours, ref, fmt, pair):
+def same_objective(ours, ours32, ref, fmt, pair):
     """EBD2Q loss of one pair on both sides, (ours, reference): without padding the two compute
     the same function, so in fp32 the losses must agree. In bf16 they round differently (on
     SmolLM2 one pair's loss is 12.45 in fp32, 12.32 ours and 11.16 the reference's in bf16), so a
-    bf16 run checks fp32 copies of its weights and reports its own losses as well."""
+    bf16 run checks fp32 copies of its weights (ours32 and one of ref) and reports its own losses
+    as well."""
     def losses(ours, ref):
         a = bireco.stage1_loss(ours, fmt, [pair], "d2q")[0].item()
         anchor = ref_embed(ref, [fmt.embed_ids(pair.positive)], fmt.pad_id)
         return a, ref_reconstruction(ref, anchor, [fmt.target_ids(pair.query)], fmt.pad_id).item()
     native = losses(ours, ref)
-    if ours.lm_head.weight.dtype == torch.float32:
+    if ours32 is ours:
         return native, native
-    return losses(copy.deepcopy(ours).float(), copy.deepcopy(ref).float()), native
+    return losses(ours32, copy.deepcopy(ref).float()), native
 
 
 def ours_stage1(model, fmt, pairs, weights):
@@ -418,7 +419,8 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     pairs = random.Random(seed).sample(all_pairs, w["batch"])
     if w["doc_tokens"]:
         pairs = long_documents(pairs, all_pairs, fmt, w["doc_tokens"], seed)
-    (a, b), (a_native, b_native) = same_objective(ours, ref, fmt, pairs[0])
+    ours32 = ours if dtype == torch.float32 else copy.deepcopy(ours).float()  # bf16 checks against it
+    (a, b), (a_native, b_native) = same_objective(ours, ours32, ref, fmt, pairs[0])
     if abs(a - b) > 1e-3 * abs(a):
         raise AssertionError(f"{config} {dname}: on one unpadded pair in fp32 the reference's loss {b} != ours {a}")
     ours.train(), ref.train()
@@ -488,7 +490,7 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
     if dtype == torch.float32:
         add("encode, embedding agreement (min cos)", f"{cos:.6f}", target=TARGETS["agree"], ok=cos > 0.999)
     else:  # each side rounds its own way: both against fp32 embeddings from the same weights
-        exact = bireco.Embedder(copy.deepcopy(ours).float(), fmt).encode(texts, batch_size=bs)
+        exact = bireco.Embedder(ours32, fmt).encode(texts, batch_size=bs)
         c_ours, c_ref = (float((out[k] * exact).sum(1).min()) for k in ("ours sorted", "ref"))
         add("encode, min cos to fp32 embeddings", f"{c_ours:.6f}", f"{c_ref:.6f}",
             target=TARGETS["agree_bf16"], ok=c_ours >= c_ref - 1e-3)
