@@ -19,6 +19,8 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
 Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a batch.
 """
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,29 @@ import torch.nn.functional as F
 from data import Pair, TextFormat, pad
 from model import Transformer
 
+def auto_dtype(device, cpuinfo: str | None = None) -> torch.dtype:
+    """The compute dtype a device runs fastest without losing training quality: bf16 on CUDA and on
+    CPUs with bf16 matrix units (AMX or AVX512-BF16, read from /proc/cpuinfo), fp32 on other CPUs,
+    where bf16 matmuls are emulated and run many times slower than fp32."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return torch.float32
+    return torch.bfloat16 if re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo) else torch.float32
+
+
 # -----------------------------------------------------------------------------
 # Embeddings
+
+
+def at_least_fp32(t):
+    """Losses are taken in fp32 at least: bf16 / fp16 values are widened, fp64 ones (the tests'
+    exact identities) stay fp64."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def last_index(mask):
@@ -96,18 +119,18 @@ LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by target_cross_entropy: 128 M
 
 def _chunked_cross_entropy(h, weight, y, chunk, row_weights=None, grad_h=None, grad_w=None):
     """Cross-entropy of each row of the logits h @ weight.T against y, `chunk` rows at a time:
-    (N,) fp32. Given buffers, also the gradient of sum(row_weights * ce): per chunk, d ce / d logits
+    (N,) in fp32 (fp64 for fp64 inputs). Given buffers, also the gradient of sum(row_weights * ce): per chunk, d ce / d logits
     = softmax - one_hot is at hand right after the loss, and gives grad_h = g @ weight and
     grad_w += g.T @ h. Matmuls run in autocast's dtype when it is on (fp32 weights, bf16 compute),
     else in h's; gradients are kept in their buffers' dtypes."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
     h, w = h.to(dtype), weight.to(dtype)  # no copies without autocast
-    ce = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    ce = torch.empty(h.shape[0], dtype=torch.promote_types(dtype, torch.float32), device=h.device)
     with torch.autocast(device, enabled=False):
         for i in range(0, h.shape[0], chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
-            logits = F.linear(hc, w).float()  # (chunk, V), the only block of logits alive
+            logits = F.linear(hc, w).to(ce.dtype)  # (chunk, V), the only block of logits alive
             lse = torch.logsumexp(logits, dim=-1)
             ce[i:i + chunk] = lse - logits.gather(1, yc[:, None])[:, 0]
             if grad_h is None and grad_w is None:
@@ -204,7 +227,8 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weig
     parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task)) for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
-    row_weights = torch.cat([torch.full((n,), w / n, device=y.device) for w, n in zip(weights.values(), sizes)])
+    wtype = torch.promote_types(h.dtype, torch.float32)
+    row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device) for w, n in zip(weights.values(), sizes)])
     total, ce = target_cross_entropy(model, h, y, row_weights, chunk)
     return total, {task: (part.mean().item(), n) for task, part, n in zip(weights, ce.split(sizes), sizes)}
 
@@ -239,9 +263,9 @@ def contrastive_loss(q, p, n=None, temperature: float = 0.02):
     """InfoNCE over cosine similarity. q, p (B, D); n (B', D) hard negatives or None.
     Query i's candidates are all B positives and all B' negatives; its target is p_i.
     Returns (loss, negatives per query = B - 1 + B')."""
-    q, cands = F.normalize(q.float(), dim=-1), F.normalize(p.float(), dim=-1)
+    q, cands = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(p), dim=-1)
     if n is not None:
-        cands = torch.cat([cands, F.normalize(n.float(), dim=-1)])
+        cands = torch.cat([cands, F.normalize(at_least_fp32(n), dim=-1)])
     scores = q @ cands.T / temperature  # (B, B + B')
     labels = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(scores, labels), cands.shape[0] - 1

@@ -136,10 +136,11 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
-    # x (B, H, T, d); cos, sin (B, 1, T, d) in fp32
-    x1, x2 = x.float().chunk(2, dim=-1)
+    # x (B, H, T, d); cos, sin (B, 1, T, d) in fp32; the rotation in fp32 or wider (fp64 in tests)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    x1, x2 = xf.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    return (xf * cos + rotated * sin).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 or wider
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 

@@ -1,4 +1,5 @@
-"""bireco.py against hand computations on the tiny fp32 model: [EOS] pooling under any padding,
+"""bireco.py against hand computations on the tiny model in fp64 (so identities hold to 1e-9
+whatever kernels the CPU picks): [EOS] pooling under any padding,
 the Stage I reconstruction loss and its gradient path, the Stage II contrastive loss, the
 reconstruction gap diagnostic and the inference Embedder."""
 
@@ -14,12 +15,12 @@ import bireco
 from data import Pair, TextFormat, pad
 from model import load_model, load_tokenizer
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = dict(rtol=1e-9, atol=1e-9)  # fp64 identities; fp32 results get their own tolerances
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return load_model(tiny_model_dir).eval()
+    return load_model(tiny_model_dir, dtype=torch.float64).eval()
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_reconstruction_loss_matches_hand_computation(model, fmt, rows):
 
         long_y = fmt.target_ids(" ".join(r["positive"] for r in rows))
         assert len(long_y) > 3 * max(len(y) for y in ys)
-        long_anchor = torch.randn(1, anchor.shape[1])
+        long_anchor = torch.randn(1, anchor.shape[1], dtype=anchor.dtype)
         t, m = pad(ys + [long_y], fmt.pad_id)
         extended = bireco.reconstruction_loss(model, torch.cat([anchor, long_anchor]), t, m)
         long_part = hand_loss_sum(model, long_anchor[0], long_y)
@@ -212,7 +213,7 @@ class _Head(torch.nn.Module):  # what target_cross_entropy reads of a model: lm_
         self.lm_head.weight = weight
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_target_cross_entropy_gradients_equal_autograd(dtype, weighted):
     """The gradients taken inside the forward pass equal autograd's through full logits, scaled by
@@ -229,11 +230,12 @@ def test_target_cross_entropy_gradients_equal_autograd(dtype, weighted):
         if fused:
             loss, rows = bireco.target_cross_entropy(_Head(w), h, y, rw, chunk=5)
         else:
-            rows = F.cross_entropy(F.linear(h, w).float(), y, reduction="none")
+            logits = F.linear(h, w)
+            rows = F.cross_entropy(logits if dtype == torch.float64 else logits.float(), y, reduction="none")
             loss = rows.sum() if rw is None else (rows * rw).sum()
         (0.3 * loss).backward()
         sides.append((loss.detach(), rows.detach(), h.grad.float(), w.grad.float()))
-    tol = TOL if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    tol = TOL if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
     for ours, ref in zip(*sides):
         torch.testing.assert_close(ours, ref, **tol)
     assert sides[0][2].abs().sum() > 0 and sides[0][3].abs().sum() > 0
@@ -264,7 +266,7 @@ def test_target_cross_entropy_under_autocast(h_dtype):
 def test_target_cross_entropy_frozen_weight_no_grad_and_retain_graph():
     """A frozen lm_head gets no gradient (h still does); without autograd only the loss is
     computed; a second backward through one loss is refused with a clear error."""
-    h0, w = torch.randn(7, 4), torch.randn(11, 4)
+    h0, w = torch.randn(7, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
     y = torch.arange(7)
     want = F.cross_entropy(F.linear(h0, w), y, reduction="sum")
     h = h0.clone().requires_grad_(True)
@@ -380,3 +382,12 @@ def test_reconstruction_gap(model, fmt, rows, task):
         anchor = bireco.embed_texts(model, fmt, src)
         rolled = [hand_loss_sum(model, anchor[(i - 1) % 4], y) for i, y in enumerate(tgt)]
     assert abs(shuffled - sum(rolled).item() / sum(len(y) for y in tgt)) < 1e-5
+
+
+def test_auto_dtype_follows_the_hardware():
+    """bf16 where matmuls have bf16 units (CUDA; a CPU flag amx_bf16 or avx512_bf16), else fp32."""
+    assert bireco.auto_dtype("cuda:0") == torch.bfloat16
+    assert bireco.auto_dtype("cpu", "flags\t: fpu sse2 avx2 fma") == torch.float32
+    assert bireco.auto_dtype("cpu", "flags\t: avx2 avx512f avx512_vnni") == torch.float32  # no bf16 units
+    assert bireco.auto_dtype("cpu", "flags\t: avx512f avx512_bf16 avx512_vnni") == torch.bfloat16
+    assert bireco.auto_dtype("cpu", "flags\t: avx2 amx_bf16 amx_tile") == torch.bfloat16

@@ -1,4 +1,5 @@
-"""model.py against transformers (the independent reference) on tiny random fp32 models."""
+"""model.py against transformers (the independent reference) on tiny random fp32 models, and its
+own identities (attention by hand, checkpointing, the last-position pass) in fp64."""
 
 import json
 import os
@@ -97,10 +98,10 @@ def test_classic_config_keys(tmp_path):
 def test_bidirectional_attention_matches_plain_softmax():
     """Bidirectional attention with padding against softmax(QK^T/sqrt(d))V written out by hand."""
     cfg = ModelConfig.from_hf(dict(TINY, model_type="llama", num_hidden_layers=1))
-    m = Transformer(cfg).eval()
+    m = Transformer(cfg).double().eval()  # fp64: the identity holds to rounding on any CPU
     attn = m.model.layers[0].self_attn
     B, T, D, d = 2, 5, cfg.hidden_size, cfg.head_dim
-    x = torch.randn(B, T, D)
+    x = torch.randn(B, T, D, dtype=torch.float64)
     pad = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)
     cos, sin = torch.ones(B, 1, T, d), torch.zeros(B, 1, T, d)  # no rotation: position-free check
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_bidirectional_attention_matches_plain_softmax():
         scores = q @ k.transpose(-1, -2) / d ** 0.5
         scores = scores.masked_fill(~pad[:, None, None, :], float("-inf"))
         want = attn.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1))
-    torch.testing.assert_close(got[pad], want[pad], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[pad], want[pad], atol=1e-12, rtol=1e-10)
     # and a real token never attends to padding: changing a pad's input leaves real outputs alone
     x2 = x.clone()
     x2[1, 0] += 10
@@ -122,7 +123,7 @@ def test_bidirectional_attention_matches_plain_softmax():
 
 def test_gradient_checkpointing_same_gradients():
     cfg = ModelConfig.from_hf(dict(TINY, model_type="qwen3"))
-    m = Transformer(cfg)
+    m = Transformer(cfg).double()
     ids = torch.randint(0, 97, (2, 6))
     grads = []
     for ckpt in (False, True):
@@ -130,7 +131,7 @@ def test_gradient_checkpointing_same_gradients():
         m.gradient_checkpointing = ckpt
         m.lm_head(m(ids)).logsumexp(-1).sum().backward()
         grads.append(m.model.layers[0].self_attn.q_proj.weight.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-10)
 
 
 def test_mask_only_where_causal_attention_needs_one():
@@ -148,7 +149,7 @@ def test_last_position_only_equals_full_pass(causal):
     """forward(last=i) is the full pass read at position i of each row, in value and in every
     parameter's gradient, also under activation checkpointing; any position, not only the last."""
     cfg = ModelConfig.from_hf(dict(TINY, model_type="qwen3"))
-    m = Transformer(cfg)
+    m = Transformer(cfg).double()  # fp64: the identity holds to rounding on any CPU
     ids, lengths, left, right = batches()
     rows = torch.arange(3)
     cases = (left, [6, 6, 6]), (right, [6, 3, 0]), (right, [2, 1, 0])  # last real tokens, then others
@@ -163,7 +164,7 @@ def test_last_position_only_equals_full_pass(causal):
             results.append([e.detach()] + [p.grad for p in m.parameters()])
         assert results[0][1].abs().sum() > 0
         for a, b in zip(*results):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 @pytest.mark.parametrize("change, message", [
