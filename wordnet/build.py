@@ -1,18 +1,20 @@
 """
-Build the bundled WordNet 3.0 dataset: usage example -> gloss, with a hard negative.
+Build the bundled WordNet 3.0 dataset: word + usage example -> gloss, with a hard negative.
 
 WordNet glosses look like `definition; "example one"; "example two"`. Each usage example becomes a
-query whose positive is the definition of its own sense, and whose hard negative is the definition
-of another sense of one of the same lemmas (preferring a lemma the example mentions). Definitions
-are written without their lemmas, so matching words gets little: finding the right one needs the
-meaning of the sentence. Synsets are split into train
-and test; a held-out synset contributes nothing to train.
+query that names the word it illustrates, `whole: how big is that part compared to the whole?`
+(without the word, a sentence does not say which of its words to define). Its positive is the
+definition of its own sense, its hard negative the definition of another sense of the same word.
+Definitions are written without their lemmas, so matching words gets little: finding the right
+one needs the meaning of the sentence. Synsets are split into train, validation and test; a
+held-out synset contributes nothing to train.
 
 Outputs (next to this file unless --out-dir says otherwise):
     train/wordnet.jsonl.gz   {"query", "positive", "negative"} per line, the training format
     test/queries.jsonl.gz    {"id", "text"}: one usage example per held-out synset
     test/corpus.jsonl.gz     {"id", "text"}: held-out glosses plus the other senses of their lemmas
     test/qrels.tsv           query-id, corpus-id, score: exactly one relevant document per query
+    validation/...           the same three files for another 500 held-out synsets (for tuning)
 
 The WordNet files come from the Debian package wordnet-base: `apt-get install wordnet-base` puts
 them in /usr/share/wordnet; without installing, `apt-get download wordnet-base` then
@@ -27,7 +29,7 @@ import os
 import random
 import re
 
-TEST_QUERIES = 500  # held-out synsets, one query each
+TEST_QUERIES = 500  # held-out synsets, one query each (and as many again for validation)
 MAX_DOCS = 1000     # test corpus size cap (kept small so a CPU evaluates it in minutes); distractors beyond it are dropped
 MIN_WORDS = 3       # shorter examples ("a dead town") say too little to retrieve a sense
 
@@ -102,54 +104,70 @@ def usable(e):
     return len(e.split()) >= MIN_WORDS
 
 
-# test split: synsets with another sense (so the corpus has distractors) and an example that
+def marked(s, example):
+    """The query: the word the example illustrates (one of its lemmas that the example uses, else
+    the first), then the example. Returns (query, lemma)."""
+    lemma = next((l for l in s.lemmas if mentions(example, l)), s.lemmas[0])
+    return f"{lemma}: {example}", lemma
+
+
+# held-out splits: synsets with another sense (so the corpus has distractors) and an example that
 # belongs to this synset alone (so no other gloss in the corpus is equally right for it)
 eligible = [s for s in synsets.values() if other_senses(s, s.lemmas) and defined[text[s.key]] == 1
             and any(usable(e) and owners[e] == 1 for e in s.examples)]
 rng.shuffle(eligible)
-test = eligible[:TEST_QUERIES]
-test_keys = {s.key for s in test}
-queries = [next(e for e in s.examples if usable(e) and owners[e] == 1) for s in test]
-positives = [text[s.key] for s in test]
-assert len(set(positives)) == len(positives), "two held-out senses have the same gloss"
+held_out = {"test": eligible[:TEST_QUERIES], "validation": eligible[TEST_QUERIES:2 * TEST_QUERIES]}
+held_keys = {s.key for split in held_out.values() for s in split}
+
+
+def retrieval_split(chosen):
+    """(queries, documents, relevant document of each query) for a list of held-out synsets."""
+    queries = [marked(s, next(e for e in s.examples if usable(e) and owners[e] == 1))[0] for s in chosen]
+    positives = [text[s.key] for s in chosen]
+    assert len(set(positives)) == len(positives), "two held-out senses have the same gloss"
+    # the corpus: the held-out glosses plus every other sense of their lemmas, capped at MAX_DOCS
+    distractors = sorted({text[k] for s in chosen for k in other_senses(s, s.lemmas)} - set(positives))
+    rng.shuffle(distractors)
+    documents = positives + distractors[:max(0, MAX_DOCS - len(positives))]
+    rng.shuffle(documents)  # ids say nothing about which documents are relevant
+    return queries, documents, positives
+
+
+splits = {name: retrieval_split(chosen) for name, chosen in held_out.items()}
 
 # train: every other example; the negative never comes from a held-out synset
 train, seen = [], set()
 for s in synsets.values():
-    if s.key in test_keys:
+    if s.key in held_keys:
         continue
     for e in s.examples:
         if not usable(e) or (e, text[s.key]) in seen:
             continue
-        preferred = [l for l in s.lemmas if mentions(e, l)]
-        negatives = other_senses(s, preferred, test_keys) or other_senses(s, s.lemmas, test_keys)
+        query, lemma = marked(s, e)
+        negatives = other_senses(s, [lemma], held_keys) or other_senses(s, s.lemmas, held_keys)
         if not negatives:
             continue
         seen.add((e, text[s.key]))
-        train.append({"query": e, "positive": text[s.key], "negative": text[rng.choice(negatives)]})
-assert not set(queries) & {r["query"] for r in train}
-assert not set(positives) & {r["positive"] for r in train}
-
-# test corpus: the held-out glosses plus every other sense of their lemmas, capped at MAX_DOCS
-distractors = sorted({text[k] for s in test for k in other_senses(s, s.lemmas)} - set(positives))
-rng.shuffle(distractors)
-documents = positives + distractors[:max(0, MAX_DOCS - len(positives))]
-rng.shuffle(documents)  # ids say nothing about which documents are relevant
-doc_id = {d: f"d{i}" for i, d in enumerate(documents)}
+        train.append({"query": query, "positive": text[s.key], "negative": text[rng.choice(negatives)]})
+for queries, _, positives in splits.values():
+    assert not set(queries) & {r["query"] for r in train}
+    assert not set(positives) & {r["positive"] for r in train}
 
 os.makedirs(os.path.join(args.out_dir, "train"), exist_ok=True)
-os.makedirs(os.path.join(args.out_dir, "test"), exist_ok=True)
 write_jsonl(os.path.join(args.out_dir, "train", "wordnet.jsonl.gz"), train)
-write_jsonl(os.path.join(args.out_dir, "test", "queries.jsonl.gz"),
-            [{"id": f"q{i}", "text": q} for i, q in enumerate(queries)])
-write_jsonl(os.path.join(args.out_dir, "test", "corpus.jsonl.gz"),
-            [{"id": doc_id[d], "text": d} for d in documents])
-with open(os.path.join(args.out_dir, "test", "qrels.tsv"), "w", encoding="utf-8") as f:
-    f.write("query-id\tcorpus-id\tscore\n")
-    f.writelines(f"q{i}\t{doc_id[p]}\t1\n" for i, p in enumerate(positives))
+for name, (queries, documents, positives) in splits.items():
+    folder = os.path.join(args.out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    doc_id = {d: f"d{i}" for i, d in enumerate(documents)}
+    write_jsonl(os.path.join(folder, "queries.jsonl.gz"), [{"id": f"q{i}", "text": q} for i, q in enumerate(queries)])
+    write_jsonl(os.path.join(folder, "corpus.jsonl.gz"), [{"id": doc_id[d], "text": d} for d in documents])
+    with open(os.path.join(folder, "qrels.tsv"), "w", encoding="utf-8") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"q{i}\t{doc_id[p]}\t1\n" for i, p in enumerate(positives))
 
 print(f"synsets read     {len(synsets):,}")
 print(f"usage examples   {sum(len(s.examples) for s in synsets.values()):,}")
 print(f"train pairs      {len(train):,}")
-print(f"test queries     {len(queries):,}")
-print(f"test corpus      {len(documents):,} ({len(documents) - len(positives):,} distractors)")
+for name, (queries, documents, positives) in splits.items():
+    print(f"{name:<16} {len(queries):,} queries, {len(documents):,} documents "
+          f"({len(documents) - len(positives):,} distractors)")
