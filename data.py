@@ -1,9 +1,10 @@
 """
 Training data: (query, positive, negative) pairs, how texts become token ids, and batching.
 
-- Files: a folder of JSONL files (optionally .jsonl.gz), one per source dataset, each line
-  {"query": ..., "positive": ..., "negative": ...} as in the E5 data curated by the
-  echo-embeddings authors (PAPER.md, "Data"). "negative" is optional for Stage I. Queries get the
+- Files: a folder of JSONL files (optionally .jsonl.gz), one per source dataset, or one such file,
+  each line {"query": ..., "positive": ..., "negative": ...} as in the E5 data curated by the
+  echo-embeddings authors (PAPER.md, "Data"). "negative" is optional: a file without negatives
+  (plain sentence pairs) trains Stage II on in-batch negatives only. Queries get the
   E5-Mistral instruction of their dataset (built in below) or a per-line "instruction" field.
 - Texts: an (instruction, text) pair becomes one user turn of the model's own chat format,
   "Instruct: {instruction}\\nQuery: {text}" for queries and "{text}" for documents, always ending
@@ -43,8 +44,11 @@ INSTRUCTIONS = {
     "squad": "Retrieve Wikipedia passages that answer the question",
     "t2ranking": "Given a Chinese search query, retrieve web passages that answer the question",
     "trivia_qa": "Retrieve Wikipedia passages that answer the question",
-    # the bundled default data (wordnet/): usage example -> gloss of its sense
-    "wordnet": "Given a sentence that uses a word, retrieve the dictionary definition of that sense of the word",
+    # the bundled default data: word + usage example -> gloss of its sense (wordnet/), a man page's
+    # one-line summary -> the opening of its description (manpages/)
+    # (short instructions: on these short queries the instruction's tokens are most of the cost)
+    "wordnet": "Define the word as the sentence uses it",
+    "manpages": "Retrieve the man page described by the summary",
 }
 
 
@@ -79,26 +83,50 @@ def read_jsonl(path: str):
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def load_pairs(folder: str, need_negative: bool = False) -> dict[str, list[Pair]]:
-    """Reads every *.jsonl / *.jsonl.gz file of `folder`; returns {dataset name: pairs}."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: no such data folder")
-    files = sorted(f for f in os.listdir(folder) if f.endswith((".jsonl", ".jsonl.gz")))
-    if not files:
-        raise DataError(f"{folder}: no .jsonl or .jsonl.gz files in this folder")
-    required = ("query", "positive", "negative") if need_negative else ("query", "positive")
+def load_pairs(*sources: str) -> dict[str, list[Pair]]:
+    """Reads each source, a .jsonl / .jsonl.gz file or a folder of them; returns {dataset name
+    (the file's stem): pairs}. Within a file, either every line has a "negative" or none has
+    (then Stage II contrasts against in-batch negatives only)."""
+    data = {}
+    for source in sources:
+        for name, pairs in _load_source(source).items():
+            if name in data:
+                raise DataError(f"{source}: a second dataset named {name!r}: give each file its own name")
+            data[name] = pairs
+    return data
+
+
+def _load_source(source):
+    if os.path.isfile(source):
+        if not source.endswith((".jsonl", ".jsonl.gz")):
+            raise DataError(f"{source}: not a .jsonl or .jsonl.gz file")
+        folder, files = os.path.dirname(source), [os.path.basename(source)]
+    elif os.path.isdir(source):
+        folder = source
+        files = sorted(f for f in os.listdir(folder) if f.endswith((".jsonl", ".jsonl.gz")))
+        if not files:
+            raise DataError(f"{folder}: no .jsonl or .jsonl.gz files in this folder")
+    else:
+        raise DataError(f"{source}: no such data file or folder")
     data = {}
     for file in files:
         path, name = os.path.join(folder, file), file.split(".")[0]
-        pairs = []
+        pairs, first_negative = [], None  # first_negative: whether line 1 had one, and its number
         for n, row in read_jsonl(path):
             for key in ("query", "positive", "negative", "instruction"):
                 if row.get(key) is None:
-                    if key in required:
-                        raise DataError(f"{path}:{n}: missing field {key!r} (each line needs "
-                                        f"{', '.join(required)})")
+                    if key in ("query", "positive"):
+                        raise DataError(f"{path}:{n}: missing field {key!r} (each line needs query, "
+                                        "positive; negative is optional)")
                 elif not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{path}:{n}: field {key!r} is empty or not a string")
+            has = row.get("negative") is not None
+            if first_negative is None:
+                first_negative = (has, n)
+            elif has != first_negative[0]:
+                raise DataError(f"{path}:{n}: {'has' if has else 'has no'} \"negative\" but line "
+                                f"{first_negative[1]} {'has none' if has else 'has one'}: give every line "
+                                "of a file a negative or none")
             instruction = row.get("instruction") or INSTRUCTIONS.get(name)
             if instruction is None:
                 raise DataError(f"{path}:{n}: no instruction for dataset {name!r}: add an "

@@ -11,7 +11,10 @@ Evaluate checkpoints as text embedders through MTEB's own evaluators (paper: Eva
   documents get none; queries and every text of other task types get it. instructions.json holds the
   E5-Mistral wording for the 56 tasks of MTEB(eng, v1); other tasks use their mteb prompt, else
   their description (with a printed note).
-- WordNetSenseRetrieval: the held-out split in wordnet/test as an mteb retrieval task.
+- The bundled tasks (the default): WordNetSenseRetrieval (wordnet/: word + usage example -> the
+  gloss of its sense) and ManPageRetrieval (manpages/: a man page's one-line summary -> its
+  description), the held-out test split or, with --split validation, the split used for tuning.
+  BM25 on the same split is printed beside the models: the lexical bar.
 - Results: mteb's layout, OUTPUT/results/bireco__<folder>/<revision>/<Task>.json + model_meta.json;
   the revision hashes the weights, and every run recomputes and overwrites.
 Left out: multi-GPU encoding, reusing embeddings between runs, bidirectional attention.
@@ -19,9 +22,11 @@ Left out: multi-GPU encoding, reusing embeddings between runs, bidirectional att
 
 import argparse
 import difflib
+import errno
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -29,20 +34,22 @@ from math import nan
 from urllib.parse import urlparse
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-WORDNET_TASK = "WordNetSenseRetrieval"
+BUNDLED = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # task -> folder and dataset
 METRICS = ["ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"]  # retrieval rows
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", action="append", default=None,
                     help="checkpoint folder; repeat to compare (none: the embedded SmolLM2-135M-Instruct)")
-parser.add_argument("--tasks", nargs="+", default=[WORDNET_TASK], help="MTEB task names")
+parser.add_argument("--tasks", nargs="+", default=list(BUNDLED), help="MTEB task names")
+parser.add_argument("--split", choices=["test", "validation"], default="test",
+                    help="split of the bundled tasks: validation for choosing settings, test for reporting")
 parser.add_argument("--benchmark", default=None, help='MTEB benchmark name, e.g. "MTEB(eng, v1)" (replaces --tasks)')
 parser.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
 parser.add_argument("--max-length", type=int, default=512,
                     help="tokens per text, template and EOS included (the paper trims MTEB texts to 400)")
 parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="auto: bfloat16 on CUDA, float32 on CPU")
+                    help="auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32")
 parser.add_argument("--device", default=None, help="none: cuda if available, else cpu")
 parser.add_argument("--output", default="results", help="mteb result folder")
 
@@ -65,7 +72,7 @@ if __name__ == "__main__":
             sys.exit(f"eval.py: --model {path} is not a checkpoint folder (no config.json in it)")
     # huggingface_hub and datasets read HF_HUB_OFFLINE at import, so decide before `import mteb`: offline,
     # a task whose data is not in the local cache fails at once instead of retrying for half a minute
-    if (args.benchmark or set(args.tasks) - {WORDNET_TASK}) and not os.environ.get("HF_HUB_OFFLINE") \
+    if (args.benchmark or set(args.tasks) - set(BUNDLED)) and not os.environ.get("HF_HUB_OFFLINE") \
             and not hub_reachable():
         print("note: the Hugging Face hub is unreachable; only data in the local cache can be used")
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -83,11 +90,11 @@ from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 import data  # noqa: E402
-from bireco import Embedder  # noqa: E402
+from bireco import Embedder, auto_dtype  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402
 
 with open(os.path.join(ROOT, "instructions.json")) as f:
-    INSTRUCTIONS = json.load(f) | {WORDNET_TASK: data.INSTRUCTIONS["wordnet"]}  # the training instruction
+    INSTRUCTIONS = json.load(f) | {task: data.INSTRUCTIONS[name] for task, name in BUNDLED.items()}  # as in training
 
 
 def digest(paths: list[str]) -> str:
@@ -100,27 +107,92 @@ def digest(paths: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-class WordNetSenseRetrieval(AbsTaskRetrieval):
-    """The bundled held-out task (wordnet/README.md): usage example -> gloss of its sense."""
-    files = [os.path.join(ROOT, "wordnet", "test", f) for f in ("queries.jsonl.gz", "corpus.jsonl.gz", "qrels.tsv")]
-    metadata = TaskMetadata(
-        name=WORDNET_TASK, type="Retrieval", category="t2t", modalities=["text"], main_score="ndcg_at_10",
-        description="Given a usage example from WordNet 3.0, retrieve the gloss of the sense it illustrates "
-                    "among the glosses of other senses of its lemmas (synsets held out from training).",
-        dataset={"path": "wordnet/test", "revision": digest(files)}, reference="https://wordnet.princeton.edu/",
-        eval_splits=["test"], eval_langs=["eng-Latn"], date=("2006-01-01", "2006-12-31"), domains=["Written"],
-        task_subtypes=[], license="https://wordnet.princeton.edu/license-and-commercial-use",
-        annotations_creators="expert-annotated", dialect=[], sample_creation="found", bibtex_citation="")
+def read_split(folder: str):
+    """A bundled split: (queries {id: text}, corpus {id: text}, qrels {query id: {doc id: score}})."""
+    queries, corpus = ({r["id"]: r["text"] for _, r in data.read_jsonl(os.path.join(folder, f))}
+                       for f in ("queries.jsonl.gz", "corpus.jsonl.gz"))
+    qrels = {}
+    with open(os.path.join(folder, "qrels.tsv")) as f:
+        for q, d, score in (line.split("\t") for line in list(f)[1:]):  # header: query-id corpus-id score
+            qrels.setdefault(q, {})[d] = int(score)
+    return queries, corpus, qrels
+
+
+class BundledRetrieval(AbsTaskRetrieval):
+    """A held-out split of a bundled dataset as an mteb retrieval task: <folder>/<split>/."""
+    folder = None
+
+    def __init__(self, split: str = "test", **kwargs):
+        self.split, self.path = split, os.path.join(ROOT, self.folder, split)
+        files = [os.path.join(self.path, f) for f in ("queries.jsonl.gz", "corpus.jsonl.gz", "qrels.tsv")]
+        self.metadata = self.metadata.model_copy(update=dict(
+            eval_splits=[split], dataset={"path": f"{self.folder}/{split}", "revision": digest(files)}))
+        super().__init__(**kwargs)
 
     def load_data(self, num_proc=None, **kwargs):
-        queries, corpus = ([row for _, row in data.read_jsonl(p)] for p in self.files[:2])
-        qrels = {}
-        with open(self.files[2]) as f:
-            for q, d, score in (line.split("\t") for line in list(f)[1:]):  # header: query-id corpus-id score
-                qrels.setdefault(q, {})[d] = int(score)
-        self.dataset = {"default": {"test": RetrievalSplitData(queries=Dataset.from_list(queries),
-                        corpus=Dataset.from_list(corpus), relevant_docs=qrels, top_ranked=None)}}
+        queries, corpus, qrels = read_split(self.path)
+        as_rows = lambda texts: Dataset.from_list([{"id": k, "text": v} for k, v in texts.items()])
+        self.dataset = {"default": {self.split: RetrievalSplitData(
+            queries=as_rows(queries), corpus=as_rows(corpus), relevant_docs=qrels, top_ranked=None)}}
         self.data_loaded = True
+
+
+def bundled_metadata(name, description, reference, license, date):
+    return TaskMetadata(
+        name=name, type="Retrieval", category="t2t", modalities=["text"], main_score="ndcg_at_10",
+        description=description, dataset={"path": "", "revision": ""}, reference=reference, eval_splits=["test"],
+        eval_langs=["eng-Latn"], date=date, domains=["Written"], task_subtypes=[], license=license,
+        annotations_creators="expert-annotated", dialect=[], sample_creation="found", bibtex_citation="")
+
+
+class WordNetSenseRetrieval(BundledRetrieval):
+    """wordnet/README.md: word + usage example -> the gloss of its sense."""
+    folder = "wordnet"
+    metadata = bundled_metadata(
+        "WordNetSenseRetrieval", "Given a word and a usage example from WordNet 3.0, retrieve the gloss of the "
+        "sense it illustrates among the glosses of other senses of its lemmas (synsets held out from training).",
+        "https://wordnet.princeton.edu/", "https://wordnet.princeton.edu/license-and-commercial-use",
+        ("2006-01-01", "2006-12-31"))
+
+
+class ManPageRetrieval(BundledRetrieval):
+    """manpages/README.md: a man page's one-line summary -> the opening of its description."""
+    folder = "manpages"
+    metadata = bundled_metadata(
+        "ManPageRetrieval", "Given the one-line summary of a Linux man page (sections 2-7), retrieve the opening "
+        "of its DESCRIPTION among all pages' (pages held out from training).",
+        "https://www.kernel.org/doc/man-pages/", "https://spdx.org/licenses/Linux-man-pages-copyleft.html",
+        ("2023-01-01", "2023-04-30"))
+
+
+TASKS = {cls.metadata.name: cls for cls in (WordNetSenseRetrieval, ManPageRetrieval)}
+
+
+def bm25_ndcg10(folder: str, k1: float = 1.5, b: float = 0.75) -> float:
+    """nDCG@10 of BM25 (lowercased word tokens, no stemming) on a bundled split: the lexical bar."""
+    import numpy as np
+
+    queries, corpus, qrels = read_split(folder)
+    words = lambda text: re.findall(r"\w+", text.lower())
+    ids, docs = list(corpus), [words(corpus[d]) for d in corpus]
+    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
+    tf = np.zeros((len(docs), len(vocab)))
+    for i, d in enumerate(docs):
+        for w in d:
+            tf[i, vocab[w]] += 1
+    df = (tf > 0).sum(0)
+    idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+    length = tf.sum(1, keepdims=True)
+    weight = idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / length.mean()))  # (docs, vocab)
+    total = 0.0
+    for q, rel in qrels.items():
+        terms = [vocab[w] for w in words(queries[q]) if w in vocab]
+        ranking = np.argsort(-weight[:, terms].sum(1), kind="stable")[:10]
+        gains = [rel.get(ids[i], 0) for i in ranking]
+        ideal = sorted(rel.values(), reverse=True)[:10]
+        dcg = lambda g: sum(x / np.log2(r + 2) for r, x in enumerate(g))
+        total += dcg(gains) / dcg(ideal)
+    return total / len(qrels)
 
 
 class Encoder(AbsEncoder):
@@ -178,23 +250,39 @@ def download_failed(e: BaseException | None) -> bool:
     return False
 
 
+def run_name(path: str) -> str:
+    """A column's name: the run's folder for <run>/latest, <run>/step-N for other checkpoints."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) == "latest":
+        return os.path.basename(os.path.dirname(path))
+    if re.fullmatch(r"step-\d+", os.path.basename(path)):
+        return "/".join(path.split(os.sep)[-2:])
+    return os.path.basename(path)
+
+
 def main(args):
-    names = {t.metadata.name for t in mteb.get_tasks()} | {WORDNET_TASK}
+    names = {t.metadata.name for t in mteb.get_tasks()} | set(TASKS)
     for name in [] if args.benchmark else args.tasks:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=3)
             sys.exit(f"eval.py: unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
     try:
         tasks = list(mteb.get_benchmark(args.benchmark).tasks) if args.benchmark else [
-            WordNetSenseRetrieval() if n == WORDNET_TASK else mteb.get_task(n) for n in args.tasks]
+            TASKS[n](args.split) if n in TASKS else mteb.get_task(n) for n in args.tasks]
     except KeyError as e:
         sys.exit(f"eval.py: {e.args[0]}")
     if args.model is None:
         from smollm2 import default_model_dir
         args.model = [default_model_dir()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" or (args.dtype == "auto" and device.startswith("cuda")) \
-        else torch.float32
+    dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    try:  # a folder results cannot be written to fails now, before any encoding
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, ".write-test"), "w"):
+            pass
+        os.remove(os.path.join(args.output, ".write-test"))
+    except OSError as e:
+        sys.exit(f"eval.py: cannot write results to {args.output}: {e.strerror or e}")
     print(f"models: {args.model}\ntasks: {[t.metadata.name for t in tasks]}\ndevice {device}, dtype {dtype}, "
           f"max length {args.max_length}, batch size {args.batch_size}, output {args.output}")
 
@@ -204,7 +292,7 @@ def main(args):
             encoder = Encoder(path, device, dtype, args.max_length, args.batch_size)
         except (OSError, ValueError, KeyError) as e:
             sys.exit(f"eval.py: --model {path} is not a usable checkpoint: {e}")
-        column = encoder.mteb_model_meta.name.removeprefix("bireco/")
+        column = run_name(path)
         column = f"{column}@{encoder.mteb_model_meta.revision}" if column in columns else column
         columns.append(column)
         for task in tasks:
@@ -215,7 +303,9 @@ def main(args):
                 result = mteb.evaluate(encoder, task, cache=ResultCache(args.output), overwrite_strategy="always",
                                        encode_kwargs={"batch_size": args.batch_size}, co2_tracker=False)
             except Exception as e:
-                if task.metadata.name == WORDNET_TASK or not download_failed(e):
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+                    sys.exit(f"eval.py: cannot write results to {args.output}: {e.strerror}")  # disk full, read-only
+                if task.metadata.name in TASKS or not download_failed(e):
                     raise
                 sys.exit(f"eval.py: task {task.metadata.name} could not download its data (no network or hub "
                          f"unreachable): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
@@ -231,13 +321,18 @@ def main(args):
                 task.unload_data()
         del encoder
 
+    bundled = [t for t in tasks if t.metadata.name in TASKS]
+    for task in bundled:  # the lexical bar beside the models
+        scores[(task.metadata.name, "ndcg_at_10")]["BM25"] = bm25_ndcg10(task.path)
+    columns += ["BM25"] if bundled else []
     if len(tasks) > 1:  # MTEB's headline number: the mean main score over tasks
         mains = [scores[(t.metadata.name, t.metadata.main_score)] for t in tasks]
         scores[("average", "main score")] = {c: sum(m[c] for m in mains) / len(mains) for c in columns}
     width, cols = max(len(f"{t} {m}") for t, m in scores) + 2, [max(12, len(c) + 2) for c in columns]
     print("\n" + " " * width + "".join(f"{c:>{w}}" for c, w in zip(columns, cols)))
     for (task, metric), row in scores.items():
-        print(f"{task} {metric}".ljust(width) + "".join(f"{row[c]:>{w}.4f}" for c, w in zip(columns, cols)))
+        cells = (f"{row[c]:>{w}.4f}" if c in row else " " * (w - 1) + "-" for c, w in zip(columns, cols))
+        print(f"{task} {metric}".ljust(width) + "".join(cells))
     print(f"\nresults: {os.path.join(args.output, 'results')}")
 
 

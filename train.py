@@ -33,9 +33,10 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 
-from bireco import contrastive_loss, embed_texts, stage1_loss, stage1_sum_loss
-from data import Batches, DataError, TextFormat, load_pairs, stage1_task
+from bireco import at_least_fp32, auto_dtype, contrastive_loss, embed, stage1_loss, stage1_sum_loss
+from data import Batches, DataError, TextFormat, load_pairs, pad, stage1_task
 from model import load_model, load_tokenizer, save_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,9 +44,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Per-stage defaults (paper, PAPER.md), sized down where the paper's scale cannot run on a CPU:
 # Stage I is a full fine-tune; Stage II trains LoRA adapters on q,k,v,o,gate,up,down.
 STAGE_DEFAULTS = {
-    "recon": dict(lr=4e-5, warmup=15, steps=150, batch_size=8, lora_rank=0),
-    "contrastive": dict(lr=2e-4, warmup=10, steps=100, batch_size=8, lora_rank=16),
+    "recon": dict(lr=4e-5, steps=150, batch_size=8, lora_rank=0),
+    "contrastive": dict(lr=5e-4, steps=40, batch_size=32, lora_rank=16),
 }
+WARMUP_SHARE = 0.1  # default --warmup: this share of the steps (the paper: 300 of 2,000)
 # the paper: 2,000 Stage I steps and 300 warmup steps at global batch 512-1024 (see README)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -55,8 +57,9 @@ parser.add_argument("--stage", choices=["recon", "contrastive"],
                     "required unless --resume")
 parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: "
                     "the embedded SmolLM2-135M-Instruct, converted on first use")
-parser.add_argument("--data", default=os.path.join(HERE, "wordnet", "train"),
-                    help="folder of JSONL files {query, positive, negative}, one per source dataset")
+parser.add_argument("--data", nargs="+", default=[os.path.join(HERE, "wordnet", "train"), os.path.join(HERE, "manpages", "train")],
+                    help="JSONL files {query, positive, negative}, one per source dataset, or folders of them; "
+                    "Stage II uses in-batch negatives only where a file has no negatives")
 parser.add_argument("--out", default=None, help="run folder; default out/<stage>-<model>-<date-time>")
 parser.add_argument("--resume", default=None, help="continue the run in this folder from its latest checkpoint")
 parser.add_argument("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
@@ -68,7 +71,8 @@ parser.add_argument("--batch-size", type=int, default=None,
 parser.add_argument("--grad-accum", type=int, default=1,
                     help="batches per optimizer step (does NOT enlarge the in-batch negative pool)")
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate (stage default)")
-parser.add_argument("--warmup", type=int, default=None, help="linear warmup steps, then linear decay to 0")
+parser.add_argument("--warmup", type=int, default=None,
+                    help="linear warmup steps, then linear decay to 0 at --steps (default: a tenth of --steps)")
 parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
 parser.add_argument("--max-length", type=int, default=512, help="tokens per text, EOS included")
@@ -80,11 +84,11 @@ parser.add_argument("--temperature", type=float, default=0.02, help="Stage II In
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
-parser.add_argument("--chunk", type=int, default=64, help="texts per forward pass in the cached contrastive step")
-parser.add_argument("--dtype", choices=["bfloat16", "float32"],
-                    default="bfloat16" if torch.cuda.is_available() else "float32",
-                    help="compute dtype (autocast); weights and optimizer state stay fp32. bf16 needs "
-                    "hardware support: on CPUs without AVX512-BF16/AMX it is far slower than fp32")
+parser.add_argument("--chunk", type=int, default=4096,
+                    help="Stage II: padded tokens per forward pass (the cached step); lower it to need less memory")
+parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                    help="compute dtype (autocast); weights and optimizer state stay fp32. auto: bfloat16 on "
+                    "CUDA and on CPUs with AMX / AVX512-BF16, else float32 (emulated bf16 is far slower)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
 parser.add_argument("--seed", type=int, default=0)
@@ -99,8 +103,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base, self.scale = base, alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
 
@@ -148,10 +153,34 @@ def git_commit():
         return None
 
 
+class SaveError(Exception):
+    """A checkpoint could not be written (disk full, permission denied, read-only folder)."""
+
+
 def save_checkpoint(run, model, opt, batches, step, args, base_model):
-    """Writes <run>/step-NNNNNN completely, then atomically points <run>/latest at it."""
+    """Writes <run>/step-NNNNNN completely, then atomically points <run>/latest at it. On an OSError
+    the partial folder is removed, `latest` still names the previous checkpoint, and SaveError says
+    which folder and why."""
     name = f"step-{step:06d}"
     final, tmp = os.path.join(run, name), os.path.join(run, f".{name}.tmp")
+    try:
+        return _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model)
+    except (OSError, SafetensorError) as e:  # safetensors reports the OS error in its own type
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
+        for partial in (tmp, os.path.join(run, ".latest.tmp")) + (() if _points_at(run, name) else (final,)):
+            if os.path.islink(partial):
+                os.remove(partial)
+            else:
+                shutil.rmtree(partial, ignore_errors=True)
+        raise SaveError(f"cannot write checkpoint {final}: {cause}") from None
+
+
+def _points_at(run, name):
+    latest = os.path.join(run, "latest")
+    return os.path.islink(latest) and os.readlink(latest) == name
+
+
+def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model):
     shutil.rmtree(tmp, ignore_errors=True)
     # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
     trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
@@ -159,12 +188,18 @@ def save_checkpoint(run, model, opt, batches, step, args, base_model):
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(base_model, f)):
             shutil.copy(os.path.join(base_model, f), tmp)
-    torch.save(dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable,
-                    rng=(random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                         torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
-               os.path.join(tmp, "train_state.pt"))
+    state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable,
+                 rng=(random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                      torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer hides a failed write's OSError behind its own error
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
-                base_model=os.path.abspath(base_model), data=os.path.abspath(args.data),
+                base_model=os.path.abspath(base_model), data=[os.path.abspath(d) for d in args.data],
                 training_datasets=sorted(batches.data),
                 dataset_sizes={k: len(v) for k, v in batches.data.items()}, git_commit=git_commit(), args=vars(args))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -194,6 +229,11 @@ def latest_checkpoint(run):
 # Steps
 
 
+def out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # torch's CPU allocator
+
+
 def lr_at(step, args):
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -212,16 +252,30 @@ def recon_step(model, fmt, batch, micro, args, ctx):
         return stage1_sum_loss(model, fmt, batch, {t: w[t] for t in ("d2q", "q2d") if w[t] > 0})
 
 
+def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Splits texts of these token lengths into passes: shortest first, each pass's padded size
+    (texts x its longest) within `budget` tokens, so memory is bounded and little is padding."""
+    chunks, cur = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if cur and (len(cur) + 1) * lengths[i] > budget:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    return chunks + [cur]
+
+
 def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
     """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives)."""
     items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
              + [(None, p.negative) for p in batch if p.negative is not None])
-    B, chunks = len(batch), [items[i:i + args.chunk] for i in range(0, len(items), args.chunk)]
+    B, seqs = len(batch), [fmt.embed_ids(text, instruction) for instruction, text in items]
+    chunks = token_chunks([len(s) for s in seqs], args.chunk)
+    embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
     loss_of = lambda reps: contrastive_loss(reps[:B], reps[B:2 * B], reps[2 * B:] if len(items) > 2 * B
                                             else None, args.temperature)
     if len(chunks) == 1:  # the whole batch fits in one pass: the plain step
         with ctx:
-            loss, negatives = loss_of(embed_texts(model, fmt, items).float())
+            loss, negatives = loss_of(embed_chunk(list(range(len(items)))))
         (loss * scale).backward()
         return loss.item(), negatives
     rng, reps = [], []
@@ -229,16 +283,17 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
         for c in chunks:
             rng.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
             with ctx:
-                reps.append(embed_texts(model, fmt, c).float())
-    reps = torch.cat(reps).requires_grad_()
-    loss, negatives = loss_of(reps)
-    (loss * scale).backward()  # d loss / d embeddings, (3B, D)
-    for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split(args.chunk)):
+                reps.append(embed_chunk(c))
+    reps = torch.cat(reps).requires_grad_()  # (3B, D), in the chunks' order
+    order = torch.tensor([i for c in chunks for i in c])
+    loss, negatives = loss_of(reps[order.argsort()])  # the loss sees the batch in its own order
+    (loss * scale).backward()  # d loss / d embeddings
+    for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split([len(c) for c in chunks])):
         torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
         with ctx:
-            e = embed_texts(model, fmt, c).float()
+            e = embed_chunk(c)
         e.backward(g)  # pass 2: re-run the chunk with autograd, inject the cached gradient
     return loss.item(), negatives
 
@@ -268,6 +323,10 @@ def main(argv=None):
         for k in ("steps", "batch_size", "grad_accum", "max_length", "chunk", "save_every", "log_every"):
             if getattr(args, k) < 1:
                 parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+        if args.warmup is None:
+            args.warmup = round(WARMUP_SHARE * args.steps)
+        elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
+            parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
         if args.model is None:
             from smollm2 import default_model_dir
             args.model = default_model_dir()
@@ -277,6 +336,8 @@ def main(argv=None):
             sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
                      "or --overwrite to replace it")
     run = args.resume or args.out
+    if args.dtype == "auto":  # resolved once, so a resumed run keeps the dtype it started with
+        args.dtype = str(auto_dtype(args.device)).removeprefix("torch.")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -285,13 +346,13 @@ def main(argv=None):
     print("config:", json.dumps(vars(args), sort_keys=True))
 
     try:
-        data = load_pairs(args.data, need_negative=args.stage == "contrastive")
+        data = load_pairs(*args.data)
         batches = Batches(data, args.batch_size, args.seed)
     except DataError as e:
         sys.exit(f"error: {e}")
     sizes = {k: len(v) for k, v in data.items()}
     if meta and meta.get("dataset_sizes") != sizes:  # the saved data position would point elsewhere
-        sys.exit(f"error: {args.data} changed since the run started: datasets and sizes "
+        sys.exit(f"error: {' '.join(args.data)} changed since the run started: datasets and sizes "
                  f"{meta.get('dataset_sizes')} then, {sizes} now; cannot resume on other data")
     try:
         if resume_from and args.lora_rank == 0:
@@ -358,23 +419,30 @@ def main(argv=None):
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        for micro in range(args.grad_accum):
-            _, batch = next(batches)
-            if args.stage == "recon":
-                loss, logs = recon_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
-                (loss / args.grad_accum).backward()
-            else:
-                value, negatives = contrastive_step(model, fmt, batch, args, ctx, 1 / args.grad_accum)
-                logs = {"loss": (value, len(batch))}
-            for k, (v, n) in logs.items():
-                window.setdefault(k, []).append(v)
-                if not math.isfinite(v):
-                    sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping without "
-                             f"saving. Last saved checkpoint: {last_saved or 'none yet'}")
-            window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
-                                                             for t in (p.query, p.positive))
-        torch.nn.utils.clip_grad_norm_(params, args.clip)
-        opt.step()
+        try:
+            for micro in range(args.grad_accum):
+                _, batch = next(batches)
+                if args.stage == "recon":
+                    loss, logs = recon_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
+                    (loss / args.grad_accum).backward()
+                else:
+                    value, negatives = contrastive_step(model, fmt, batch, args, ctx, 1 / args.grad_accum)
+                    logs = {"loss": (value, len(batch))}
+                for k, (v, n) in logs.items():
+                    window.setdefault(k, []).append(v)
+                    if not math.isfinite(v):
+                        sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping without "
+                                 f"saving. Last saved checkpoint: {last_saved or 'none yet'}")
+                window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
+                                                                 for t in (p.query, p.positive))
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            opt.step()
+        except Exception as e:  # CPU and CUDA allocators both raise a RuntimeError subclass
+            if not out_of_memory(e):
+                raise
+            sys.exit(f"error: out of memory at step {step + 1} ({str(e).splitlines()[0][:200]}); lower the "
+                     f"memory a step needs with --batch-size, --chunk (Stage II), --grad-ckpt or --max-length. "
+                     f"Last saved checkpoint: {last_saved or 'none yet'}")
         opt.zero_grad(set_to_none=True)
         step += 1
 
@@ -392,7 +460,10 @@ def main(argv=None):
                 warned = fmt.truncated
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
-            last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model)
+            try:
+                last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model)
+            except SaveError as e:
+                sys.exit(f"error: {e}. The previous checkpoint is kept: {last_saved or 'none yet'}")
             print(f"saved {last_saved}")
         if stop or done_here:
             break

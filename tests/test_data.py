@@ -158,12 +158,28 @@ def test_builtin_and_per_line_instructions(tmp_path):
     assert data["my_data"][0].instruction == "Find the match"
 
 
-def test_negative_is_optional_unless_needed(tmp_path):
-    """Stage I reads pairs without a negative; need_negative=True refuses them, naming the line."""
-    write(tmp_path / "nq.jsonl", [row(0), dict(query="q", positive="p")])
-    assert load_pairs(str(tmp_path))["nq"][1].negative is None
-    with pytest.raises(DataError, match=r"nq\.jsonl:2: missing field 'negative'"):
-        load_pairs(str(tmp_path), need_negative=True)
+def test_negative_is_optional_per_file(tmp_path):
+    """A file without negatives (plain sentence pairs) loads with negative None; a file whose
+    lines disagree is refused at the first line that differs, naming both lines."""
+    write(tmp_path / "nq.jsonl", [dict(query="q", positive="p")] * 2)
+    assert [p.negative for p in load_pairs(str(tmp_path))["nq"]] == [None, None]
+    write(tmp_path / "nq.jsonl", [row(0), row(1), dict(query="q", positive="p")])
+    with pytest.raises(DataError, match=r"nq\.jsonl:3: has no \"negative\" but line 1 has one"):
+        load_pairs(str(tmp_path))
+    write(tmp_path / "nq.jsonl", [dict(query="q", positive="p"), row(1)])
+    with pytest.raises(DataError, match=r"nq\.jsonl:2: has \"negative\" but line 1 has none"):
+        load_pairs(str(tmp_path))
+
+
+def test_a_single_file_is_a_dataset(tmp_path):
+    """--data may name one .jsonl / .jsonl.gz file: its stem is the dataset's name."""
+    write(tmp_path / "nq.jsonl", [row(0), row(1)])
+    write(tmp_path / "fever.jsonl.gz", [row(2)], gz=True)
+    assert list(load_pairs(str(tmp_path / "nq.jsonl"))) == ["nq"]
+    assert load_pairs(str(tmp_path / "fever.jsonl.gz"))["fever"][0].query == "query 2"
+    (tmp_path / "notes.txt").write_text("not data")
+    with pytest.raises(DataError, match=r"notes\.txt: not a \.jsonl or \.jsonl\.gz file"):
+        load_pairs(str(tmp_path / "notes.txt"))
 
 
 @pytest.mark.parametrize("name, lines, message", [
@@ -201,7 +217,7 @@ def test_empty_or_missing_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("not data")
     with pytest.raises(DataError, match="no .jsonl or .jsonl.gz files"):
         load_pairs(str(tmp_path))
-    with pytest.raises(DataError, match="no such data folder"):
+    with pytest.raises(DataError, match="no such data file or folder"):
         load_pairs(str(tmp_path / "absent"))
     (tmp_path / "nq.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"nq\.jsonl: file holds no pairs"):

@@ -13,9 +13,11 @@ Already covered elsewhere, not repeated here:
   test_resume_without_checkpoint_*, test_out_holding_a_run_*).
 New here: those data and model-folder faults end to end, and sharded, truncated or unparsable
 model files; flags that used to fail deep inside the loop; texts cut to --max-length and counted;
-a kill in the middle of a checkpoint write, then --resume; a second Ctrl-C.
+a kill in the middle of a checkpoint write, then --resume; a second Ctrl-C; a disk that fills up
+or turns read-only under a run; memory running out in a step.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -54,7 +56,9 @@ def tensors(folder):
 # - kill_in_second_save: the second checkpoint's weights file is cut in half as it is written and
 #   the process is killed there (SIGKILL: no handler, no clean-up), as a power cut or the OOM
 #   killer would;
-# - ctrl_c_twice: Ctrl-C during the second step, and again while its checkpoint is being saved.
+# - ctrl_c_twice: Ctrl-C during the second step, and again while its checkpoint is being saved;
+# - memory_limit: the address space capped at 150 MB above what the child holds after the fork
+#   (RLIMIT_AS), so a large step really fails to allocate, as on a machine out of memory.
 
 CLI_SERVER = """
 import json, os, signal, sys
@@ -87,6 +91,13 @@ def ctrl_c_twice():
     train.save_checkpoint = on_second_call(train.save_checkpoint)
 
 
+def memory_limit():
+    import resource
+    with open("/proc/self/statm") as f:  # the address space in use now, in pages
+        used = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (used + 150 * 2 ** 20, resource.RLIM_INFINITY))
+
+
 def run(argv):
     try:
         sys.argv = ["train.py", *argv]
@@ -112,7 +123,8 @@ for line in sys.stdin:
         for fd, path in ((1, out), (2, err)):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT), fd)
         if fault:
-            {"kill_in_second_save": kill_in_second_save, "ctrl_c_twice": ctrl_c_twice}[fault]()
+            {"kill_in_second_save": kill_in_second_save, "ctrl_c_twice": ctrl_c_twice,
+             "memory_limit": memory_limit}[fault]()
         code = run(argv)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -181,7 +193,7 @@ def data_folder(path, lines):
 DATA_FAULTS = {
     "malformed_json": ([ROW, '{"query": "q", "positive": ', ROW], "{file}:2: not valid JSON"),
     "missing_query": ([ROW, ROW, ROW, dict(positive="p", negative="n")], "{file}:4: missing field 'query' "
-                      "(each line needs query, positive)"),
+                      "(each line needs query, positive; negative is optional)"),
     "missing_positive": ([ROW, dict(query="q")], "{file}:2: missing field 'positive'"),
     "empty_text": ([dict(ROW, query="")], "{file}:1: field 'query' is empty or not a string"),
     "whitespace_text": ([ROW, dict(ROW, positive=" \t\n ")], "{file}:2: field 'positive' is empty"),
@@ -278,14 +290,15 @@ MODEL_FAULTS = {
 FLAG_FAULTS = {
     "zero_batch_size": (["--batch-size", "0"], 2, "--batch-size must be at least 1, got 0"),
     "zero_save_every": (["--save-every", "0"], 2, "--save-every must be at least 1, got 0"),
+    "warmup_not_below_steps": (["--warmup", "2"], 2, "--warmup 2 must be at least 0 and below --steps 2"),
     "max_length_below_template": (["--max-length", "24"], 1, "error: --max-length 24 is too short: "
                                   "max_length=24 leaves no room for text after the"),
 }
 
 
 def long_rows(n):
-    """Pairs whose documents are 20 glosses long (hundreds of tokens) and whose queries are short."""
-    return [dict(r, positive=" ".join([r["positive"]] * 20)) for r in wordnet_rows(n)]
+    """Pairs whose documents are 50 glosses long (hundreds of tokens) and whose queries are short."""
+    return [dict(r, positive=" ".join([r["positive"]] * 50)) for r in wordnet_rows(n)]
 
 
 # 4 steps with checkpoints at steps 2 and 4, EBD2Q and EBQ2D alternating: the kill comes in the
@@ -398,3 +411,83 @@ def test_second_ctrl_c_aborts_without_traceback(cli, tiny_model_dir, pairs8, tmp
     assert f"interrupt: aborted without saving. Last saved checkpoint: {os.path.join(run, 'step-000001')}" in err
     assert os.readlink(os.path.join(run, "latest")) == "step-000001"
     load_model(os.path.join(run, "latest"))
+
+
+# -----------------------------------------------------------------------------
+# Faults of the machine: a full disk, a read-only folder, memory running out
+
+
+@contextlib.contextmanager
+def mounted(target, *options):
+    """Mounts over `target` for the test (root, or a user namespace that allows it), else skips."""
+    os.makedirs(target, exist_ok=True)
+    done = subprocess.run(["mount", *options, str(target)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+def assert_previous_checkpoint_kept(run, step):
+    assert os.readlink(os.path.join(run, "latest")) == f"step-{step:06d}"
+    assert sorted(os.listdir(run)) == ["latest", f"step-{step:06d}"]  # no partial folder left
+    load_model(train.latest_checkpoint(run))
+    with open(os.path.join(run, "latest", "meta.json")) as f:
+        assert json.load(f)["step"] == step
+
+
+def test_full_disk_ends_the_run_and_keeps_the_previous_checkpoint(cli, tiny_model_dir, pairs8, tmp_path):
+    """A 2 MB disk holds one checkpoint of the tiny model (1.25 MB) but not a second beside it:
+    the second save fails for real (ENOSPC), the run ends with one line naming the folder and
+    the cause, the partial folder is gone and `latest` is the first checkpoint."""
+    with mounted(tmp_path / "disk", "-t", "tmpfs", "-o", "size=2m", "tmpfs") as disk:
+        run = str(disk / "run")
+        code, out, err = cli(*recon(tiny_model_dir, pairs8, run, "--steps", "2", "--save-every", "1"))
+        assert "Traceback" not in err and code == 1, err[-3000:]
+        assert f"saved {os.path.join(run, 'step-000001')}" in out
+        assert err.strip().splitlines() == [
+            f"error: cannot write checkpoint {os.path.join(run, 'step-000002')}: No space left on device. "
+            f"The previous checkpoint is kept: {os.path.join(run, 'step-000001')}"]
+        assert_previous_checkpoint_kept(run, 1)
+
+
+def test_read_only_folder_ends_the_run_and_keeps_the_previous_checkpoint(cli, tiny_model_dir, pairs8, tmp_path):
+    """A run stops after step 1; its folder turns read-only (a read-only bind mount as root, the
+    write bits removed otherwise); --resume trains step 2 and fails to save it, with one line."""
+    run = str(tmp_path / "run")
+    code, _, err = cli(*recon(tiny_model_dir, pairs8, run, "--steps", "2", "--stop-after", "1"))
+    assert code == 0, err[-3000:]
+    if os.geteuid() == 0:
+        guard = mounted(run, "--bind", "-o", "ro", run)
+        cause = "Read-only file system"
+    else:
+        os.chmod(run, 0o555)
+        guard = contextlib.nullcontext()
+        cause = "Permission denied"
+    try:
+        with guard:
+            code, out, err = cli("--resume", run)
+            assert "Traceback" not in err and code == 1, err[-3000:]
+            assert "step 2/2" in out
+            assert err.strip().splitlines() == [
+                f"error: cannot write checkpoint {os.path.join(run, 'step-000002')}: {cause}. "
+                f"The previous checkpoint is kept: {os.path.join(run, 'latest')}"]
+            assert_previous_checkpoint_kept(run, 1)
+    finally:
+        os.chmod(run, 0o755)
+
+
+def test_out_of_memory_names_the_flags_that_lower_it(cli, tiny_model_dir, tmp_path):
+    """A Stage II step over 96 texts of hundreds of tokens in one pass (--chunk: tokens per pass), with 150 MB of address
+    space to spare: the allocation fails for real, and the run ends with the flags that need less."""
+    folder = data_folder(str(tmp_path / "long"), long_rows(32))
+    code, out, err = cli("--stage", "contrastive", "--model", tiny_model_dir, "--data", folder, "--batch-size", "32",
+                         "--chunk", "100000", "--dtype", "float32", "--out", tmp_path / "run", "--steps", "2",
+                         fault="memory_limit")
+    assert "Traceback" not in err and code == 1, err[-3000:]
+    assert re.fullmatch(r"error: out of memory at step 1 \(.*can't allocate memory.*\); lower the memory a step "
+                        r"needs with --batch-size, --chunk \(Stage II\), --grad-ckpt or --max-length\. "
+                        r"Last saved checkpoint: none yet", err.strip()), err[-3000:]
+    assert not os.path.exists(tmp_path / "run")

@@ -57,11 +57,33 @@ def test_two_models_make_one_table(two_model_run, tiny_model_dir):
     proc, _ = two_model_run
     lines = proc.stdout.splitlines()
     header = lines[next(i for i, line in enumerate(lines) if line.startswith("WordNetSenseRetrieval ndcg")) - 1]
-    assert header.split() == [os.path.basename(tiny_model_dir), "tiny-copy"]
-    for metric in ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"):
-        row = next(line for line in lines if line.startswith(f"WordNetSenseRetrieval {metric} "))
-        a, b = map(float, row.split()[2:])
-        assert a == b  # the copy holds the same weights
+    assert header.split() == [os.path.basename(tiny_model_dir), "tiny-copy", "BM25"]
+    import eval as ev
+
+    for task in ("WordNetSenseRetrieval", "ManPageRetrieval"):
+        for metric in ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"):
+            row = next(line for line in lines if line.startswith(f"{task} {metric} "))
+            a, b, bm25 = row.split()[2:]
+            assert float(a) == float(b)  # the copy holds the same weights
+            if metric == "ndcg_at_10":  # BM25 on the same split, beside the models
+                assert float(bm25) == pytest.approx(ev.bm25_ndcg10(ev.TASKS[task]("test").path), abs=5e-5)
+            else:
+                assert bm25 == "-"
+
+
+def test_bm25_by_hand(tmp_path):
+    """Three documents, two queries. "cat" is in d0 (3 words) and d2 (5 words): BM25 puts the
+    shorter d0 first, so the relevant d2 is at rank 2 and scores 1 / log2(3) = 0.6309. "dogs"
+    matches d1 only ("dog" in d2 is another token: no stemming): rank 1, 1.0. Mean 0.8155."""
+    import eval as ev
+
+    rows = lambda texts: "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items())
+    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt") as f:
+        f.write(rows({"d0": "the cat sat", "d1": "dogs bark loudly", "d2": "a cat and a dog"}))
+    with gzip.open(tmp_path / "queries.jsonl.gz", "wt") as f:
+        f.write(rows({"q0": "Cat?", "q1": "dogs"}))
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td2\t1\nq1\td1\t1\n")
+    assert ev.bm25_ndcg10(str(tmp_path)) == pytest.approx((1 / math.log2(3) + 1) / 2)
 
 
 def test_instruction_convention(tiny_model_dir):
@@ -179,3 +201,32 @@ def test_real_smollm2_base_on_the_held_out_task(tmp_path):
         (scores,) = json.load(f)["scores"]["test"]
     assert scores["ndcg_at_10"] > 2 * chance, (scores["ndcg_at_10"], chance)
     assert scores["recall_at_10"] > 2 * 10 / n_docs
+
+
+def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
+    """--output on a read-only folder (a read-only mount as root, no write bits otherwise), and on
+    a disk with no room left: one line naming the folder and the cause, no traceback."""
+    import eval as ev
+
+    ro, full = tmp_path / "ro", tmp_path / "full"
+    ro.mkdir(), full.mkdir()
+    if os.geteuid() == 0:
+        mounts = [["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                  ["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(full)]]
+        for m in mounts:
+            done = subprocess.run(m, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+        causes = [(ro, "Read-only file system"), (full, "No space left on device")]
+    else:
+        os.chmod(ro, 0o555)
+        causes = [(ro, "Permission denied")]
+    try:
+        for folder, cause in causes:
+            with pytest.raises(SystemExit) as info:
+                ev.main(ev.parser.parse_args(["--model", tiny_model_dir, "--output", str(folder / "results")]))
+            assert info.value.code == f"eval.py: cannot write results to {folder / 'results'}: {cause}"
+    finally:
+        for folder in (ro, full):
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        os.chmod(ro, 0o755)
