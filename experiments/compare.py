@@ -2,104 +2,118 @@
 The paper's claim at small scale: does Stage I (bidirectional reconstruction) before Stage II
 (contrastive learning) give a better embedder than Stage II alone, with the same Stage II budget?
 
-  python experiments/wordnet.py                       # the whole experiment (hours on a 2-core CPU)
-  python experiments/wordnet.py --seeds 0 --no-ablations   # the main comparison only
-  python experiments/wordnet.py --ablations d2q-only       # one ablation (for every seed)
-  python experiments/wordnet.py --no-ablations --contrastive-steps 120 --out out/experiment-ii120
-                                                      # a longer Stage II, in its own folder
-  python experiments/wordnet.py --report              # table + plot from what has finished so far
+  python experiments/compare.py                                  # the comparison, 5 seeds, test split
+  python experiments/compare.py --split validation --seeds 0 --arms baseline \\
+      --out out/search-lr1e-3 --contrastive "--lr 1e-3"          # one point of a recipe search
+  python experiments/compare.py --arms d2q-only q2d-only sum --seeds 0    # ablations, one seed
+  python experiments/compare.py --report                         # tables and plot from what has finished
 
-Model: the embedded SmolLM2-135M-Instruct (or --model). Data: the bundled WordNet train split;
-scores: nDCG@10 on the held-out WordNet retrieval task through eval.py (mteb). Arms:
-  baseline      Stage II only, from the base model
-  ours          Stage I (EBD2Q:EBQ2D = 4:1, interleaved) then Stage II from its checkpoint
-  ablations     Stage I with EBQ2D only, EBD2Q only, or both summed every batch; then Stage II
-Every arm runs with every seed (the main comparison for all seeds first, then the ablations;
---long-recon adds a longer Stage I for the first seed, after its ablations). For the first seed,
-both main arms are also evaluated every --eval-every Stage II steps on the way (the paper's
-early-convergence claim). The reconstruction diagnostic (target loss with the true vs a shuffled
-anchor, on held-out pairs) is measured before and after Stage I.
+Model: the embedded SmolLM2-135M-Instruct (or --model); data and recipe: train.py's defaults (the
+bundled WordNet and man-page train splits, STAGE_DEFAULTS), changed only by --recon / --contrastive.
+Scores: nDCG@10 on both bundled retrieval tasks through eval.py (mteb), on --split. Arms:
+  baseline   Stage II only, from the base model
+  ours       Stage I (EBD2Q:EBQ2D = 4:1, interleaved), then the same Stage II from its checkpoint
+  q2d-only, d2q-only, sum   Stage I with EBQ2D only, EBD2Q only, or both summed every batch
+Arms are paired by seed: a seed fixes Stage II's data order and LoRA initialisation in every arm.
+The first seed's baseline and ours are also scored at --curve points along Stage II (the paper's
+early-convergence claim); the reconstruction diagnostic (target loss given the true vs a shuffled
+anchor, on held-out pairs) is measured before and after each Stage I.
 
 Every finished unit is recorded in <out>/results.json at once, and a re-run skips it, so the
-experiment can be stopped and continued.
+experiment can be stopped and continued; --report prints the tables and draws the plot.
 """
 
 import argparse
 import glob
-import gzip
 import json
+import math
 import os
+import re
+import shlex
+import statistics
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # eval.py's bundled tasks
+ABLATIONS = {"q2d-only": ["--task-weights", "0", "1"], "d2q-only": ["--task-weights", "1", "0"],
+             "sum": ["--mode", "sum"]}
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2)")
-parser.add_argument("--out", default=os.path.join(ROOT, "out", "experiment"), help="runs and results.json")
-parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-parser.add_argument("--recon-steps", type=int, default=40, help="Stage I steps")
-parser.add_argument("--recon-batch", type=int, default=8, help="Stage I pairs per batch")
-parser.add_argument("--recon-lr", type=float, default=None, help="Stage I peak learning rate (default: train.py's)")
-parser.add_argument("--contrastive-steps", type=int, default=40, help="Stage II steps (both arms)")
-parser.add_argument("--contrastive-batch", type=int, default=8, help="Stage II pairs per batch")
-parser.add_argument("--eval-every", type=int, default=20, help="Stage II steps between curve points")
-parser.add_argument("--no-ablations", action="store_true", help="skip the Stage I ablations")
-parser.add_argument("--ablations", nargs="+", default=["q2d-only", "d2q-only", "sum"],
-                    choices=["q2d-only", "d2q-only", "sum"], help="which ablations to run")
-parser.add_argument("--long-recon", type=int, default=0, metavar="STEPS",
-                    help="also an arm 'ours-reconSTEPS': a longer Stage I, then the same Stage II (first seed)")
-parser.add_argument("--report", action="store_true", help="only print the table and draw the plot")
-parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                    help="further train.py flags for every run (e.g. --device cuda --dtype bfloat16)")
-
-ABLATIONS = {"q2d-only": ["--task-weights", "0", "1"], "d2q-only": ["--task-weights", "1", "0"],
-             "sum": ["--mode", "sum"]}
+parser.add_argument("--out", default=os.path.join(ROOT, "out", "compare"), help="runs and results.json")
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+parser.add_argument("--arms", nargs="+", default=["baseline", "ours"], choices=["baseline", "ours", *ABLATIONS])
+parser.add_argument("--split", choices=["validation", "test"], default="test",
+                    help="where scores come from: validation while choosing settings, test to report")
+parser.add_argument("--recon", default="", help="train.py flags for Stage I, e.g. \"--steps 60 --lr 2e-5\"")
+parser.add_argument("--contrastive", default="", help="train.py flags for Stage II (every arm)")
+parser.add_argument("--curve", type=int, default=5, help="Stage II points scored for the first seed")
+parser.add_argument("--report", action="store_true", help="only print the tables and draw the plot")
 
 
-def run(cmd):
+def run(cmd, log=None):
+    """Runs a project script; with `log`, its output goes there as it comes (tail -f to watch)."""
     print("$", " ".join(cmd), flush=True)
-    subprocess.run([sys.executable] + cmd, cwd=ROOT, check=True)
+    if log is None:
+        code = subprocess.run([sys.executable] + cmd, cwd=ROOT).returncode
+    else:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        with open(log, "a") as f:
+            code = subprocess.run([sys.executable] + cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        sys.exit(f"error: {cmd[0]} failed with status {code}" + (f" (log: {log})" if log else ""))
+    return True
 
 
-def evaluate(model_dir, out):
-    """nDCG@10 (and friends) of one checkpoint on the held-out WordNet task, via eval.py."""
-    out = os.path.join(out, "eval")
-    run(["eval.py", "--model", model_dir, "--output", out])
-    files = glob.glob(os.path.join(out, "results", "*", "*", "WordNetSenseRetrieval.json"))
-    with open(max(files, key=os.path.getmtime)) as f:
-        scores = json.load(f)["scores"]["test"][0]
-    return {k: scores[k] for k in ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")}
+def evaluate(model_dir, out, split):
+    """{task: nDCG@10 and friends} of one checkpoint on both bundled tasks, via eval.py."""
+    out = os.path.join(out, f"eval-{split}")
+    run(["eval.py", "--model", model_dir, "--split", split, "--output", out])
+    scores = {}
+    for task in TASKS:
+        files = glob.glob(os.path.join(out, "results", "*", "*", f"{task}.json"))
+        with open(max(files, key=os.path.getmtime)) as f:
+            s = json.load(f)["scores"][split][0]
+        scores[task] = {k: s[k] for k in ("ndcg_at_10", "mrr_at_10", "recall_at_10", "recall_at_100")}
+    return scores
 
 
-def diagnostic(model_dir, n=64):
-    """Per-token reconstruction loss with the true vs a shuffled anchor, on held-out pairs."""
+def diagnostic(model_dir, split, n=64):
+    """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task."""
     import torch
 
     from bireco import reconstruction_gap
-    from data import INSTRUCTIONS, Pair, TextFormat
+    from data import INSTRUCTIONS, Pair, TextFormat, read_jsonl
     from model import load_model, load_tokenizer
 
-    read = lambda name: {r["id"]: r["text"] for r in map(json.loads, gzip.open(
-        os.path.join(ROOT, "wordnet", "test", name), "rt", encoding="utf-8"))}
-    queries, corpus = read("queries.jsonl.gz"), read("corpus.jsonl.gz")
-    with open(os.path.join(ROOT, "wordnet", "test", "qrels.tsv")) as f:
-        qrels = [line.split("\t")[:2] for line in f.read().splitlines()[1:]]
-    pairs = [Pair(queries[q], corpus[d], None, INSTRUCTIONS["wordnet"]) for q, d in qrels[:n]]
     model = load_model(model_dir).eval()
     tok, eos_ids = load_tokenizer(model_dir)
-    fmt = TextFormat(tok, eos_ids)
-    out = {}
-    for task in ("d2q", "q2d"):
-        losses = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, n, 16)]
-        out[task] = {"true": sum(t for t, _ in losses) / len(losses),
-                     "shuffled": sum(s for _, s in losses) / len(losses)}
+    fmt, out = TextFormat(tok, eos_ids), {}
+    for name in TASKS.values():
+        folder = os.path.join(ROOT, name, split)
+        texts = {r["id"]: r["text"] for f in ("queries.jsonl.gz", "corpus.jsonl.gz")
+                 for _, r in read_jsonl(os.path.join(folder, f))}
+        with open(os.path.join(folder, "qrels.tsv")) as f:
+            qrels = [line.split("\t")[:2] for line in f.read().splitlines()[1:]][:n]
+        pairs = [Pair(texts[q], texts[d], None, INSTRUCTIONS[name]) for q, d in qrels]
+        out[name] = {}
+        for task in ("d2q", "q2d"):
+            gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
+            out[name][task] = {"true": statistics.mean(t for t, _ in gaps), "shuffled": statistics.mean(s for _, s in gaps)}
     del model
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
+
+
+def losses(log):
+    """[(step, loss)] of every Stage II progress line in a train.py log."""
+    with open(log) as f:
+        return [(int(s), float(v)) for s, v in re.findall(r"^step (\d+)/\d+ \| loss (\d+\.\d+)", f.read(), re.M)]
 
 
 def main():
@@ -108,127 +122,142 @@ def main():
     path = os.path.join(args.out, "results.json")
     results = json.load(open(path)) if os.path.isfile(path) else {}
     if args.report:
-        return report(results, args.out, args.seeds[0])
+        return report(results, args.out)
+    results["settings"] = dict(recon=args.recon, contrastive=args.contrastive, split=args.split)
+
+    def save():
+        try:  # a new file, then an atomic rename: a fault leaves the previous results whole
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            sys.exit(f"error: cannot write {path}: {e.strerror or e}; the results recorded before are kept")
 
     def unit(name, fn):  # run once, record at once
         if name not in results:
             t0 = time.time()
             results[name] = fn()
             results[name + ".seconds"] = round(time.time() - t0)
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=2)
-            os.replace(path + ".tmp", path)
+            save()
         return results[name]
 
     if args.model is None:
         from smollm2 import default_model_dir
         args.model = default_model_dir()
-    base = args.model
-    unit("base/eval", lambda: evaluate(base, os.path.join(args.out, "base")))
-    unit("base/diagnostic", lambda: diagnostic(base))
+    base, split = args.model, args.split
+    unit(f"base/{split}", lambda: evaluate(base, os.path.join(args.out, "base"), split))
+    unit(f"base/diagnostic-{split}", lambda: diagnostic(base, split))
+    unit(f"bm25/{split}", lambda: {t: {"ndcg_at_10": bm25(t, split)} for t in TASKS})
 
-    recon_lr = [] if args.recon_lr is None else ["--lr", str(args.recon_lr)]
-
-    def stage1(name, seed, flags, steps=args.recon_steps):
-        """The Stage I checkpoint, trained now if it is not on disk (training is seeded, so a
-        checkpoint deleted after its scores were recorded comes back the same)."""
-        d = os.path.join(args.out, f"{name}-s{seed}", "recon")
+    def stage1(arm, seed):
+        """The Stage I checkpoint of an arm, trained when first needed (seeded: a deleted one comes back the same)."""
+        d = os.path.join(args.out, f"{arm}-s{seed}", "recon")
         if not os.path.isdir(os.path.join(d, "latest")):
-            results.pop(f"{name}/s{seed}/recon", None)
-        unit(f"{name}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base,
-             "--steps", str(steps), "--batch-size", str(args.recon_batch), "--seed", str(seed),
-             "--warmup", str(steps // 10), "--out", d, "--overwrite"] + flags + recon_lr + args.extra)
-             or os.path.relpath(d, args.out))
-        return os.path.join(d, "latest")
+            results.pop(f"{arm}/s{seed}/recon", None)
+            if os.path.exists(os.path.join(d, "train.log")):
+                os.remove(os.path.join(d, "train.log"))
+        unit(f"{arm}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base, "--seed", str(seed),
+             "--out", d, "--overwrite", *ABLATIONS.get(arm, []), *shlex.split(args.recon)], os.path.join(d, "train.log"))
+             and os.path.relpath(d, args.out))
+        latest = os.path.join(d, "latest")
+        unit(f"{arm}/s{seed}/recon/diagnostic-{split}", lambda: diagnostic(latest, split))
+        return latest
 
-    def stage2(name, seed, start, curve):
-        """Stage II from `start` (a folder, or a function that returns one when first needed)."""
-        d = os.path.join(args.out, f"{name}-s{seed}", "contrastive")
-        points = list(range(args.eval_every, args.contrastive_steps, args.eval_every)) if curve else []
-        points.append(args.contrastive_steps)
-        done = 0
+    def stage2(arm, seed, curve):
+        """Stage II from the base model (baseline) or the arm's Stage I checkpoint, scored at its points."""
+        d = os.path.join(args.out, f"{arm}-s{seed}", "contrastive")
+        flags = shlex.split(args.contrastive)
+        steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else stage_default("steps")
+        points = sorted({max(1, round(steps * (i + 1) / args.curve)) for i in range(args.curve)}) if curve else [steps]
         for p in points:
-            def train_to(p=p, done=done):
-                if done == 0 or not os.path.isdir(os.path.join(d, "latest")):
-                    run(["train.py", "--stage", "contrastive", "--model", start() if callable(start) else start,
-                         "--steps",
-                         str(args.contrastive_steps), "--batch-size", str(args.contrastive_batch),
-                         "--seed", str(seed), "--warmup", str(args.contrastive_steps // 10),
-                         "--save-every", str(args.contrastive_steps), "--out", d, "--overwrite"]
-                        + ["--stop-after", str(p)] + args.extra)
-                else:
+            def train_to(p=p):
+                at = 0
+                if os.path.isfile(os.path.join(d, "latest", "meta.json")):
                     with open(os.path.join(d, "latest", "meta.json")) as f:
                         at = json.load(f)["step"]  # a stopped experiment may have trained further
-                    if at < p:
-                        run(["train.py", "--resume", d, "--stop-after", str(p - at)])
-                return evaluate(os.path.join(d, "latest"), os.path.join(d, f"step{p}"))
-            unit(f"{name}/s{seed}/contrastive@{p}", train_to)
-            done = p
-
-    def after_stage1(name, steps=args.recon_steps):
-        """The diagnostic and the held-out score of the first seed's Stage I checkpoint."""
-        ckpt = lambda: stage1(name, first, [], steps)
-        unit(f"{name}/s{first}/recon/diagnostic", lambda: diagnostic(ckpt()))
-        unit(f"{name}/s{first}/recon/eval", lambda: evaluate(ckpt(), os.path.dirname(ckpt())))
+                if at == 0 or at > p:  # from the start, with a fresh log
+                    start = base if arm == "baseline" else stage1(arm, seed)
+                    if os.path.exists(os.path.join(d, "train.log")):
+                        os.remove(os.path.join(d, "train.log"))
+                    run(["train.py", "--stage", "contrastive", "--model", start, "--seed", str(seed), "--out", d,
+                         "--overwrite", "--log-every", "1", "--stop-after", str(p), *flags], os.path.join(d, "train.log"))
+                elif at < p:
+                    run(["train.py", "--resume", d, "--stop-after", str(p - at)], os.path.join(d, "train.log"))
+                return evaluate(os.path.join(d, "latest"), os.path.join(d, f"step{p}"), split)
+            unit(f"{arm}/s{seed}/contrastive@{p}-{split}", train_to)
+        unit(f"{arm}/s{seed}/losses", lambda: losses(os.path.join(d, "train.log")))
 
     first = args.seeds[0]
-    after_stage1("ours")
-    for seed in args.seeds:  # the main comparison for every seed (the first one's runs draw the curve)
-        stage2("baseline", seed, base, curve=seed == first)
-        stage2("ours", seed, lambda seed=seed: stage1("ours", seed, []), curve=seed == first)
-    for seed in args.seeds:
-        for name in [] if args.no_ablations else args.ablations:
-            flags = ABLATIONS[name]
-            stage2(name, seed, lambda name=name, flags=flags, seed=seed: stage1(name, seed, flags), curve=False)
-        if seed == first and args.long_recon:  # does more Stage I make the anchor matter?
-            name = f"ours-recon{args.long_recon}"
-            after_stage1(name, args.long_recon)
-            stage2(name, first, lambda name=name: stage1(name, first, [], args.long_recon), curve=False)
-    report(results, args.out, first)
+    for seed in args.seeds:  # the paired arms seed by seed, so every finished seed is a complete pair
+        for arm in args.arms:
+            stage2(arm, seed, curve=seed == first and arm in ("baseline", "ours"))
+    report(results, args.out)
 
 
-def report(results, out, first=0):
-    """Markdown table (mean ± spread over seeds) and the convergence plot; single-seed rows and the
-    curve are the `first` seed's."""
-    import statistics
+def stage_default(key):
+    import train
+    return train.STAGE_DEFAULTS["contrastive"][key]
 
-    longer = sorted({k.split("/")[0] for k in results if k.startswith("ours-recon")})
-    arms = ["baseline", "ours"] + list(ABLATIONS) + longer
-    final = {}
-    for arm in arms:
-        keys = sorted(k for k in results if k.startswith(f"{arm}/s") and "/contrastive@" in k
-                      and not k.endswith(".seconds"))
-        by_seed = {}
-        for k in keys:  # the last Stage II point of each seed
-            seed, step = k.split("/")[1], int(k.rsplit("@", 1)[1])
-            if step >= by_seed.get(seed, (0, None))[0]:
-                by_seed[seed] = (step, results[k]["ndcg_at_10"])
-        if by_seed:
-            vals = [v for _, (_, v) in sorted(by_seed.items(), key=lambda kv: int(kv[0][1:]))]
-            final[arm] = (statistics.mean(vals), statistics.pstdev(vals), vals,
-                          max(s for s, _ in by_seed.values()))
-    print("| arm | nDCG@10 (mean) | spread (std) | per seed | seeds | Stage II steps |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    if "base/eval" in results:
-        print(f"| base model, no training | {results['base/eval']['ndcg_at_10']:.4f} | - | - | - | 0 |")
-    for arm in ["ours"] + longer:
-        if f"{arm}/s{first}/recon/eval" in results:
-            v = results[f"{arm}/s{first}/recon/eval"]["ndcg_at_10"]
-            print(f"| {arm}, after Stage I only | {v:.4f} | - | - | 1 | 0 |")
-    for arm, (m, s, vals, steps) in final.items():
-        print(f"| {arm} | {m:.4f} | {f'{s:.4f}' if len(vals) > 1 else '-'} | "
-              f"{' / '.join(f'{v:.4f}' for v in vals)} | {len(vals)} | {steps} |")
-    for name in ["base/diagnostic"] + [f"{a}/s{first}/recon/diagnostic" for a in ["ours"] + longer]:
-        if name in results:
-            d = results[name]
-            print(f"{name}: " + ", ".join(f"{t} true {v['true']:.3f} vs shuffled {v['shuffled']:.3f}"
-                                          for t, v in d.items()))
-    curve = {}
-    for arm, start in (("baseline", "base/eval"), ("ours", f"ours/s{first}/recon/eval")):
-        pts = [(0, results[start]["ndcg_at_10"])] if start in results else []
-        pts += sorted((int(k.rsplit("@", 1)[1]), v["ndcg_at_10"]) for k, v in results.items()
-                      if k.startswith(f"{arm}/s{first}/contrastive@") and not k.endswith(".seconds"))
-        curve[arm] = pts
+
+def bm25(task, split):
+    import eval as ev
+    return ev.bm25_ndcg10(os.path.join(ROOT, TASKS[task], split))
+
+
+def interval(values):
+    """Mean and half-width of its 95% t-interval (None for one value)."""
+    m = statistics.mean(values)
+    return m, (T95[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def report(results, out):
+    """Markdown tables: final nDCG@10 per arm and task (mean, 95% interval, per seed), the paired
+    difference of each arm against the baseline, the first seed's Stage II curve, Stage II's
+    training loss against chance, and the reconstruction diagnostic; then the convergence plot."""
+    split = results.get("settings", {}).get("split", "test")
+    finals, curves = {}, {}  # finals[arm][seed] = scores; curves[(arm, seed)] = [(step, scores)]
+    for k, v in results.items():
+        m = re.fullmatch(rf"([\w-]+)/s(\d+)/contrastive@(\d+)-{split}", k)
+        if m:
+            curves.setdefault((m[1], int(m[2])), []).append((int(m[3]), v))
+    for (arm, seed), pts in curves.items():
+        pts.sort(key=lambda p: p[0])
+        finals.setdefault(arm, {})[seed] = pts[-1][1]
+    fmt = lambda m, h: f"{m:.3f}" + (f" ± {h:.3f}" if h is not None else "")
+    print(f"nDCG@10 on the {split} split (mean ± 95% interval over seeds)\n")
+    print("| arm | " + " | ".join(TASKS) + " | seeds |\n|---|" + "---|" * (len(TASKS) + 1))
+    for row, key in (("BM25", f"bm25/{split}"), ("base model, untrained", f"base/{split}")):
+        if key in results:
+            print(f"| {row} | " + " | ".join(f"{results[key][t]['ndcg_at_10']:.3f}" for t in TASKS) + " | - |")
+    for arm, by_seed in finals.items():
+        cells = [fmt(*interval([s[t]["ndcg_at_10"] for s in by_seed.values()])) for t in TASKS]
+        print(f"| {arm} | " + " | ".join(cells) + f" | {len(by_seed)} |")
+    base = finals.get("baseline", {})
+    for arm, by_seed in finals.items():
+        paired = sorted(set(by_seed) & set(base))
+        if arm == "baseline" or not paired:
+            continue
+        print(f"\n{arm} - baseline, paired by seed ({len(paired)} pairs): " + "; ".join(
+            f"{t} {fmt(*interval([by_seed[s][t]['ndcg_at_10'] - base[s][t]['ndcg_at_10'] for s in paired]))}"
+            for t in TASKS))
+        for t in TASKS:
+            print(f"  {t} per seed: " + ", ".join(f"s{s} {by_seed[s][t]['ndcg_at_10']:.3f} vs "
+                                                  f"{base[s][t]['ndcg_at_10']:.3f}" for s in paired))
+    for (arm, seed), pts in sorted(curves.items()):
+        if len(pts) > 1:
+            print(f"\ncurve {arm} s{seed}: " + ", ".join(
+                f"@{p} " + "/".join(f"{v[t]['ndcg_at_10']:.3f}" for t in TASKS) for p, v in pts))
+    for k, v in sorted(results.items()):
+        if k.endswith("/losses") and v:
+            n = len(v)
+            third = statistics.mean(x for s, x in v[max(0, n // 3 - 2):n // 3 + 1]) if n >= 3 else v[-1][1]
+            print(f"{k}: first {v[0][1]:.2f}, around step {n // 3} {third:.2f}, last 5 {statistics.mean(x for _, x in v[-5:]):.2f}")
+    for k, v in sorted(results.items()):
+        if "diagnostic" in k and not k.endswith(".seconds"):
+            print(f"{k}: " + "; ".join(f"{name} " + ", ".join(f"{t} {g['true']:.2f} vs {g['shuffled']:.2f}"
+                                                            for t, g in d.items()) for name, d in v.items()))
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -236,15 +265,16 @@ def report(results, out, first=0):
     except ImportError:
         print("matplotlib not installed (pip install '.[plot]'): no plot")
         return
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arm, pts in curve.items():
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label={"baseline": "Stage II only (baseline)",
-                                                   "ours": "Stage I, then Stage II"}[arm])
-    ax.set_xlabel("Stage II steps")
-    ax.set_ylabel("held-out WordNet nDCG@10")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4.5 * len(TASKS), 3.5))
+    for ax, t in zip(axes, TASKS):
+        for (arm, seed), pts in sorted(curves.items()):
+            if len(pts) > 1:
+                ax.plot([p for p, _ in pts], [v[t]["ndcg_at_10"] for _, v in pts], marker="o", label=f"{arm} (seed {seed})")
+        if f"bm25/{split}" in results:
+            ax.axhline(results[f"bm25/{split}"][t]["ndcg_at_10"], color="gray", ls="--", label="BM25")
+        ax.set(title=t, xlabel="Stage II steps", ylabel=f"{split} nDCG@10")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "convergence.png"), dpi=120)
     print(f"plot: {os.path.join(out, 'convergence.png')}")

@@ -1,5 +1,6 @@
-"""experiments/wordnet.py on the tiny model: every unit of the main comparison recorded once, the
-report, and a continued run that retrains a deleted Stage I checkpoint to the same scores."""
+"""experiments/compare.py on the tiny model: every unit of a paired two-seed comparison recorded
+once, the report (BM25, the untrained model, both arms, the paired difference, the curve), and a
+continued run that retrains a deleted Stage I checkpoint to the same scores."""
 
 import json
 import os
@@ -7,13 +8,16 @@ import shutil
 import subprocess
 import sys
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("WordNetSenseRetrieval", "ManPageRetrieval")
 
 
 def experiment(model, out):
-    cmd = [sys.executable, os.path.join(ROOT, "experiments", "wordnet.py"), "--model", model, "--out", str(out),
-           "--seeds", "0", "--no-ablations", "--recon-steps", "2", "--recon-batch", "2",
-           "--contrastive-steps", "2", "--contrastive-batch", "2", "--eval-every", "1", "--long-recon", "3", "--recon-lr", "3e-5"]
+    cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare.py"), "--model", model, "--out", str(out),
+           "--seeds", "0", "1", "--split", "validation", "--curve", "2",
+           "--recon", "--steps 2 --batch-size 2 --lr 3e-5 --dtype float32",
+           "--contrastive", "--steps 2 --batch-size 2 --dtype float32"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -25,31 +29,43 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     stdout, results = experiment(tiny_model_dir, out)
     scores = {k: v for k, v in results.items() if not k.endswith(".seconds")}
-    evals = ["base/eval", "ours/s0/recon/eval", "ours-recon3/s0/recon/eval", "ours-recon3/s0/contrastive@2"] + [
-        f"{arm}/s0/contrastive@{p}" for arm in ("baseline", "ours") for p in (1, 2)]
-    diagnostics = ["base/diagnostic", "ours/s0/recon/diagnostic", "ours-recon3/s0/recon/diagnostic"]
-    assert set(scores) == set(evals) | set(diagnostics) | {"ours/s0/recon", "ours-recon3/s0/recon"}
+    evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in ("baseline", "ours") for p in (1, 2)] \
+        + [f"{arm}/s1/contrastive@2-validation" for arm in ("baseline", "ours")]
+    diagnostics = ["base/diagnostic-validation", "ours/s0/recon/diagnostic-validation", "ours/s1/recon/diagnostic-validation"]
+    others = {"settings", "bm25/validation", "ours/s0/recon", "ours/s1/recon"} | {
+        f"{arm}/s{s}/losses" for arm in ("baseline", "ours") for s in (0, 1)}
+    assert set(scores) == set(evals) | set(diagnostics) | others
     for k in evals:
-        assert 0.0 <= scores[k]["ndcg_at_10"] <= 1.0 and scores[k]["recall_at_100"] >= scores[k]["recall_at_10"]
+        assert set(scores[k]) == set(TASKS)
+        for t in TASKS:
+            assert 0.0 <= scores[k][t]["ndcg_at_10"] <= 1.0 and scores[k][t]["recall_at_100"] >= scores[k][t]["recall_at_10"]
     for k in diagnostics:
-        assert set(scores[k]) == {"d2q", "q2d"} and all(v["true"] > 0 and v["shuffled"] > 0 for v in scores[k].values())
-    # the table of the last Stage II point per arm
-    row = next(line for line in stdout.splitlines() if line.startswith("| baseline |"))
-    assert f"{scores['baseline/s0/contrastive@2']['ndcg_at_10']:.4f}" in row and row.rstrip().endswith("| 1 | 2 |")
-    assert any(line.startswith("| ours-recon3 |") for line in stdout.splitlines())
-    with open(os.path.join(out, "ours-recon3-s0", "recon", "latest", "meta.json")) as f:
+        assert set(scores[k]) == {"wordnet", "manpages"}
+        assert all(g["true"] > 0 and g["shuffled"] > 0 for d in scores[k].values() for g in d.values())
+    assert [s for s, _ in scores["baseline/s0/losses"]] == [1, 2]  # the log of the whole run, resumed at step 1
+    with open(os.path.join(out, "ours-s1", "recon", "latest", "meta.json")) as f:
         meta = json.load(f)
-    assert meta["step"] == 3 and meta["args"]["lr"] == 3e-5  # its own step count, and --recon-lr
+    assert meta["step"] == 2 and meta["args"]["lr"] == 3e-5 and meta["args"]["seed"] == 1
+
+    # the report: both arms' mean with its interval, and the paired difference seed by seed
+    lines = stdout.splitlines()
+    row = next(line for line in lines if line.startswith("| baseline |"))
+    wn = [scores[f"baseline/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"] for s in (0, 1)]
+    assert row.split("|")[2].strip().startswith(f"{sum(wn) / 2:.3f} ± ") and row.rstrip().endswith("| 2 |")
+    assert any(line.startswith("| BM25 |") for line in lines) and any(line.startswith("| ours |") for line in lines)
+    paired = next(line for line in lines if line.startswith("ours - baseline, paired by seed (2 pairs)"))
+    diff = [scores[f"ours/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"] - wn[s] for s in (0, 1)]
+    assert f"WordNetSenseRetrieval {sum(diff) / 2:.3f}" in paired
 
     # nothing left to do: a second run trains nothing
     again, results2 = experiment(tiny_model_dir, out)
     assert "train.py" not in again and results2 == results
 
     # a lost Stage I checkpoint and a missing unit: the run trains both stages again, seeded, to the same score
-    shutil.rmtree(out / "ours-s0")
-    del results["ours/s0/contrastive@2"]
+    shutil.rmtree(out / "ours-s1")
+    del results["ours/s1/contrastive@2-validation"]
     with open(out / "results.json", "w") as f:
         json.dump(results, f)
     third, results3 = experiment(tiny_model_dir, out)
     assert "--stage recon" in third and "--stage contrastive" in third
-    assert results3["ours/s0/contrastive@2"] == scores["ours/s0/contrastive@2"]
+    assert results3["ours/s1/contrastive@2-validation"] == scores["ours/s1/contrastive@2-validation"]
