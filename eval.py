@@ -77,6 +77,7 @@ if __name__ == "__main__":
         print("note: the Hugging Face hub is unreachable; only data in the local cache can be used")
         os.environ["HF_HUB_OFFLINE"] = "1"
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: no spinning OpenMP threads on a shared CPU
 import mteb  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402

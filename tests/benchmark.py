@@ -156,6 +156,14 @@ def llama3_folder(out, tokenizer_dir, seed):
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
         rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=True,
         bos_token_id=hf["bos_token_id"], eos_token_id=hf["eos_token_id"]))
+    random_checkpoint(out, cfg, seed)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(os.path.join(tokenizer_dir, name), out)
+    return out
+
+
+def random_checkpoint(out, cfg, seed):
+    """Weights drawn from N(0, 0.02) (norms at 1) for config `cfg`, saved to `out`."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     with torch.no_grad():
@@ -163,9 +171,6 @@ def llama3_folder(out, tokenizer_dir, seed):
             if p.dim() > 1:
                 p.normal_(0, 0.02)
     save_model(model, out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(os.path.join(tokenizer_dir, name), out)
-    return out
 
 
 def load_both(path, device, dtype):

@@ -15,6 +15,7 @@ TASKS = ("WordNetSenseRetrieval", "ManPageRetrieval")
 
 def experiment(model, out):
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "compare.py"), "--model", model, "--out", str(out),
+           "--results", str(out / "results.json"),
            "--seeds", "0", "1", "--split", "validation", "--curve", "2",
            "--recon", "--steps 2 --batch-size 2 --lr 3e-5 --dtype float32",
            "--contrastive", "--steps 2 --batch-size 2 --dtype float32"]
@@ -69,3 +70,18 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     third, results3 = experiment(tiny_model_dir, out)
     assert "--stage recon" in third and "--stage contrastive" in third
     assert results3["ours/s1/contrastive@2-validation"] == scores["ours/s1/contrastive@2-validation"]
+
+
+def test_gpu_check_quick_on_cpu():
+    """experiments/gpu_check.py, the script a GPU machine runs, in its CPU mode on tiny shapes: every
+    correctness row passes, and every section prints its rows."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "gpu_check.py"), "--device", "cpu",
+                           "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("tiny ", "tiny-1b "))]
+    checks = [r for r in rows if r.startswith("tiny ")]
+    assert len(checks) == 4 and all(r.rstrip().endswith(" ok") for r in checks), "\n".join(checks)
+    for metric in ("Stage I step, sum (s)", "encode, ours length-sorted", "MFU, Stage I sum step",
+                   "Stage II cached step, 8 queries x 3 x 64 tokens (s)"):
+        assert any(metric in r for r in rows), metric
