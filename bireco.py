@@ -28,12 +28,16 @@ import torch.nn.functional as F
 from data import Pair, TextFormat, pad
 from model import Transformer
 
-def auto_dtype(device, cpuinfo: str | None = None) -> torch.dtype:
+def auto_dtype(device, cpuinfo: str | None = None, capability: str | None = None) -> torch.dtype:
     """The compute dtype a device runs fastest without losing training quality: bf16 on CUDA and on
-    CPUs with bf16 matrix units (AMX or AVX512-BF16, read from /proc/cpuinfo), fp32 on other CPUs,
-    where bf16 matmuls are emulated and run many times slower than fp32."""
+    CPUs with bf16 matrix units (AMX or AVX512-BF16, read from /proc/cpuinfo) whose AVX-512
+    kernels torch uses (torch's CPU capability: ATEN_CPU_CAPABILITY=avx2 or default turns them
+    off, and torch's bf16 matmuls then fail there); fp32 on other CPUs, where bf16 matmuls are
+    emulated and run many times slower than fp32."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
+    if (capability or torch.backends.cpu.get_cpu_capability()) != "AVX512":
+        return torch.float32
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:

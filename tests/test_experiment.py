@@ -81,7 +81,9 @@ def test_gpu_check_quick_on_cpu():
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("tiny ", "tiny-1b "))]
     checks = [r for r in rows if r.startswith("tiny ")]
-    assert len(checks) == 4 and all(r.rstrip().endswith(" ok") for r in checks), "\n".join(checks)
+    # bf16 is checked where the CPU has bf16 matmul units (and torch uses them), else skipped
+    assert len(checks) == 4 and all(r.rstrip().endswith((" ok", "no bf16 matmul units")) for r in checks), checks
+    assert sum(r.rstrip().endswith(" ok") for r in checks) >= 2
     for metric in ("Stage I step, sum (s)", "encode, ours length-sorted", "MFU, Stage I sum step",
                    "Stage II cached step, 8 queries x 3 x 64 tokens (s)"):
         assert any(metric in r for r in rows), metric
