@@ -4,7 +4,7 @@ The paper's claim at small scale: does Stage I (bidirectional reconstruction) be
 
   python experiments/compare.py                                  # the comparison, 5 seeds, test split
   python experiments/compare.py --split validation --seeds 0 --arms baseline \\
-      --out out/search-lr1e-3 --contrastive "--lr 1e-3"          # one point of a recipe search
+      --out out/search-lr1e-3 --results out/search-lr1e-3/results.json --contrastive "--lr 1e-3"   # a search point
   python experiments/compare.py --arms d2q-only q2d-only sum --seeds 0    # ablations, one seed
   python experiments/compare.py --report                         # tables and plot from what has finished
 
@@ -19,8 +19,9 @@ The first seed's baseline and ours are also scored at --curve points along Stage
 early-convergence claim); the reconstruction diagnostic (target loss given the true vs a shuffled
 anchor, on held-out pairs) is measured before and after each Stage I.
 
-Every finished unit is recorded in <out>/results.json at once, and a re-run skips it, so the
-experiment can be stopped and continued; --report prints the tables and draws the plot.
+Every finished unit is recorded in --results (experiments/results/compare.json) at once, and a
+re-run skips it, so the experiment can be stopped and continued; --report prints the tables and
+draws the plot beside it. The runs themselves (checkpoints, training logs) go to --out.
 """
 
 import argparse
@@ -45,7 +46,9 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2)")
-parser.add_argument("--out", default=os.path.join(ROOT, "out", "compare"), help="runs and results.json")
+parser.add_argument("--out", default=os.path.join(ROOT, "out", "compare"), help="the runs (checkpoints, logs)")
+parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "compare.json"),
+                    help="the recorded units (small, kept in the repository); the plot goes beside it")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
 parser.add_argument("--arms", nargs="+", default=["baseline", "ours"], choices=["baseline", "ours", *ABLATIONS])
 parser.add_argument("--split", choices=["validation", "test"], default="test",
@@ -119,10 +122,11 @@ def losses(log):
 def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
+    path = args.results
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     results = json.load(open(path)) if os.path.isfile(path) else {}
     if args.report:
-        return report(results, args.out)
+        return report(results, path)
     results["settings"] = dict(recon=args.recon, contrastive=args.contrastive, split=args.split)
 
     def save():
@@ -193,7 +197,7 @@ def main():
     for seed in args.seeds:  # the paired arms seed by seed, so every finished seed is a complete pair
         for arm in args.arms:
             stage2(arm, seed, curve=seed == first and arm in ("baseline", "ours"))
-    report(results, args.out)
+    report(results, path)
 
 
 def stage_default(key):
@@ -212,7 +216,7 @@ def interval(values):
     return m, (T95[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
 
 
-def report(results, out):
+def report(results, path):
     """Markdown tables: final nDCG@10 per arm and task (mean, 95% interval, per seed), the paired
     difference of each arm against the baseline, the first seed's Stage II curve, Stage II's
     training loss against chance, and the reconstruction diagnostic; then the convergence plot."""
@@ -222,9 +226,11 @@ def report(results, out):
         m = re.fullmatch(rf"([\w-]+)/s(\d+)/contrastive@(\d+)-{split}", k)
         if m:
             curves.setdefault((m[1], int(m[2])), []).append((int(m[3]), v))
+    last = max((p for pts in curves.values() for p, _ in pts), default=0)  # Stage II's length
     for (arm, seed), pts in curves.items():
         pts.sort(key=lambda p: p[0])
-        finals.setdefault(arm, {})[seed] = pts[-1][1]
+        if pts[-1][0] == last:  # a run still on its way is in the curves only
+            finals.setdefault(arm, {})[seed] = pts[-1][1]
     fmt = lambda m, h: f"{m:.3f}" + (f" ± {h:.3f}" if h is not None else "")
     print(f"nDCG@10 on the {split} split (mean ± 95% interval over seeds)\n")
     print("| arm | " + " | ".join(TASKS) + " | seeds |\n|---|" + "---|" * (len(TASKS) + 1))
@@ -276,8 +282,9 @@ def report(results, out):
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "convergence.png"), dpi=120)
-    print(f"plot: {os.path.join(out, 'convergence.png')}")
+    plot = os.path.splitext(path)[0] + ".png"
+    fig.savefig(plot, dpi=120)
+    print(f"plot: {plot}")
 
 
 if __name__ == "__main__":
