@@ -175,6 +175,9 @@ def main():
         flags = shlex.split(args.contrastive)
         steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else stage_default("steps")
         points = sorted({max(1, round(steps * (i + 1) / args.curve)) for i in range(args.curve)}) if curve else [steps]
+        if curve:  # the curve starts where Stage II starts: the base model, or the arm's Stage I checkpoint
+            unit(f"{arm}/s{seed}/contrastive@0-{split}", lambda: results[f"base/{split}"] if arm == "baseline"
+                 else evaluate(stage1(arm, seed), os.path.dirname(stage1(arm, seed)), split))
         for p in points:
             def train_to(p=p):
                 at = 0

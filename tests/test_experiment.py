@@ -30,7 +30,7 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     stdout, results = experiment(tiny_model_dir, out)
     scores = {k: v for k, v in results.items() if not k.endswith(".seconds")}
-    evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in ("baseline", "ours") for p in (1, 2)] \
+    evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in ("baseline", "ours") for p in (0, 1, 2)] \
         + [f"{arm}/s1/contrastive@2-validation" for arm in ("baseline", "ours")]
     diagnostics = ["base/diagnostic-validation", "ours/s0/recon/diagnostic-validation", "ours/s1/recon/diagnostic-validation"]
     others = {"settings", "bm25/validation", "ours/s0/recon", "ours/s1/recon"} | {
@@ -44,6 +44,7 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
         assert set(scores[k]) == {"wordnet", "manpages"}
         assert all(g["true"] > 0 and g["shuffled"] > 0 for d in scores[k].values() for g in d.values())
     assert [s for s, _ in scores["baseline/s0/losses"]] == [1, 2]  # the log of the whole run, resumed at step 1
+    assert scores["baseline/s0/contrastive@0-validation"] == scores["base/validation"]  # the curve starts at the base
     with open(os.path.join(out, "ours-s1", "recon", "latest", "meta.json")) as f:
         meta = json.load(f)
     assert meta["step"] == 2 and meta["args"]["lr"] == 3e-5 and meta["args"]["seed"] == 1
