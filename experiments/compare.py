@@ -244,6 +244,12 @@ def report(results, path):
         cells = [fmt(*interval([s[t]["ndcg_at_10"] for s in by_seed.values()])) for t in TASKS]
         print(f"| {arm} | " + " | ".join(cells) + f" | {len(by_seed)} |")
     base = finals.get("baseline", {})
+    for arm, by_seed in finals.items():  # the paired differences, as rows of the same table
+        paired = sorted(set(by_seed) & set(base))
+        if arm != "baseline" and paired:
+            cells = [fmt(*interval([by_seed[s][t]["ndcg_at_10"] - base[s][t]["ndcg_at_10"] for s in paired]))
+                     for t in TASKS]
+            print(f"| {arm} - baseline, paired by seed | " + " | ".join(cells) + f" | {len(paired)} |")
     for arm, by_seed in finals.items():
         paired = sorted(set(by_seed) & set(base))
         if arm == "baseline" or not paired:
