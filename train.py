@@ -69,7 +69,7 @@ parser.add_argument("--stage", choices=["recon", "contrastive"],
                     "required unless --resume")
 parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: "
                     "the embedded SmolLM2-135M-Instruct, converted on first use")
-parser.add_argument("--data", nargs="+", default=[os.path.join(HERE, "wordnet", "train"), os.path.join(HERE, "manpages", "train")],
+parser.add_argument("--data", nargs="+", default=[os.path.join(HERE, d, "train") for d in ("wordnet", "manpages")],
                     help="JSONL files {query, positive, negative}, one per source dataset, or folders of them; "
                     "Stage II uses in-batch negatives only where a file has no negatives")
 parser.add_argument("--out", default=None, help="run folder; default out/<stage>-<model>-<date-time>")
