@@ -91,19 +91,17 @@ def diagnostic(model_dir, split, n=64):
     import torch
 
     from bireco import reconstruction_gap
-    from data import INSTRUCTIONS, Pair, TextFormat, read_jsonl
+    from data import INSTRUCTIONS, Pair, TextFormat
+    from eval import read_split
     from model import load_model, load_tokenizer
 
     model = load_model(model_dir).eval()
     tok, eos_ids = load_tokenizer(model_dir)
     fmt, out = TextFormat(tok, eos_ids), {}
     for name in TASKS.values():
-        folder = os.path.join(ROOT, name, split)
-        texts = {r["id"]: r["text"] for f in ("queries.jsonl.gz", "corpus.jsonl.gz")
-                 for _, r in read_jsonl(os.path.join(folder, f))}
-        with open(os.path.join(folder, "qrels.tsv")) as f:
-            qrels = [line.split("\t")[:2] for line in f.read().splitlines()[1:]][:n]
-        pairs = [Pair(texts[q], texts[d], None, INSTRUCTIONS[name]) for q, d in qrels]
+        queries, corpus, qrels = read_split(os.path.join(ROOT, name, split))
+        pairs = [Pair(queries[q], corpus[d], None, INSTRUCTIONS[name])
+                 for q, relevant in list(qrels.items())[:n] for d in relevant]
         out[name] = {}
         for task in ("d2q", "q2d"):
             gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
