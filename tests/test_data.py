@@ -3,7 +3,6 @@ the Stage I task schedule."""
 
 import gzip
 import json
-import os
 
 import pytest
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers

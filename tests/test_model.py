@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from model import ModelConfig, Transformer, attention_mask, load_model, load_tokenizer, save_model
+from model import ModelConfig, Transformer, attention_mask, load_model, save_model
 
 torch.manual_seed(0)
 
