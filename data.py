@@ -198,6 +198,26 @@ def pad(seqs: list[list[int]], pad_id: int):
     return ids, mask
 
 
+def read_split(folder: str):
+    """A held-out split as the bundled datasets store it (queries.jsonl.gz, corpus.jsonl.gz,
+    qrels.tsv): (queries {id: text}, corpus {id: text}, qrels {query id: {doc id: score}})."""
+    queries, corpus = ({r["id"]: r["text"] for _, r in read_jsonl(os.path.join(folder, f))}
+                       for f in ("queries.jsonl.gz", "corpus.jsonl.gz"))
+    qrels = {}
+    with open(os.path.join(folder, "qrels.tsv")) as f:
+        for q, d, score in (line.split("\t") for line in list(f)[1:]):  # header: query-id corpus-id score
+            qrels.setdefault(q, {})[d] = int(score)
+    return queries, corpus, qrels
+
+
+def split_pairs(folder: str, instruction: str | None, n: int | None = None) -> list[Pair]:
+    """The first n (query, relevant document) pairs of a held-out split, for reconstruction
+    samples and diagnostics."""
+    queries, corpus, qrels = read_split(folder)
+    return [Pair(queries[q], corpus[d], None, instruction)
+            for q, relevant in list(qrels.items())[:n] for d in relevant][:n]
+
+
 # -----------------------------------------------------------------------------
 # Batches and the Stage I task schedule
 
@@ -206,25 +226,35 @@ class Batches:
     """An endless, resumable stream of batches, each drawn from one source dataset.
 
     Each epoch shuffles every dataset's pairs, cuts them into full batches, and shuffles the batches
-    of all datasets together (so datasets are visited in proportion to their size)."""
+    of all datasets together. mix="size" visits datasets in proportion to their size (the official
+    code's E5 loader); mix="equal" visits each as often as the largest, a smaller dataset passing
+    over its pairs again, freshly shuffled, as many times as it takes."""
 
-    def __init__(self, data: dict[str, list[Pair]], batch_size: int, seed: int = 0):
+    def __init__(self, data: dict[str, list[Pair]], batch_size: int, seed: int = 0, mix: str = "size"):
         small = {k: len(v) for k, v in data.items() if len(v) < batch_size}
         if small:
             raise DataError(f"datasets smaller than one batch of {batch_size}: {small}; "
                             "lower --batch-size or add data")
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+        if mix not in ("size", "equal"):
+            raise ValueError(f"mix must be 'size' or 'equal', got {mix!r}")
+        self.data, self.batch_size, self.seed, self.mix = data, batch_size, seed, mix
         self.epoch, self.index = 0, 0
         self.plan = self._plan()
 
     def _plan(self):
         rng = random.Random(self.seed * 100003 + self.epoch)
+        bs = self.batch_size
+        most = max(len(pairs) // bs for pairs in self.data.values())
         plan = []
         for name in sorted(self.data):
-            order = list(range(len(self.data[name])))
-            rng.shuffle(order)
-            plan += [(name, order[i:i + self.batch_size])
-                     for i in range(0, len(order) - self.batch_size + 1, self.batch_size)]
+            size = len(self.data[name])
+            want = most if self.mix == "equal" else size // bs
+            rows = []
+            while len(rows) < want:  # whole passes over the dataset, each freshly shuffled
+                order = list(range(size))
+                rng.shuffle(order)
+                rows += [order[i:i + bs] for i in range(0, size - bs + 1, bs)]
+            plan += [(name, r) for r in rows[:want]]
         rng.shuffle(plan)
         return plan
 

@@ -259,15 +259,31 @@ def test_batches_follow_the_seed():
     assert a[:8] != a[8:]  # each epoch is reshuffled
 
 
+def test_equal_mix_visits_datasets_equally():
+    """mix="equal": beta (3 batches per pass) comes as often as alpha (5), passing over its pairs
+    again, freshly shuffled; every pass is a whole pass, no pair twice within one."""
+    stream = Batches(two_datasets(), batch_size=4, seed=0, mix="equal")
+    got = take(stream, 10)
+    assert stream.state_dict() == {"epoch": 0, "index": 10}
+    assert [sum(n == name for n, _ in got) for name in ("alpha", "beta")] == [5, 5]
+    beta = [qs for n, qs in got if n == "beta"]
+    seen = [q for qs in beta for q in qs]
+    assert all(q.startswith("beta ") for q in seen) and len(seen) == 20
+    assert len(set(seen)) >= 12  # one whole pass (12 of the 13 pairs), then 8 of a second
+    assert max(seen.count(q) for q in seen) <= 2
+    assert take(stream, 10) != got  # the next epoch is reshuffled
+
+
+@pytest.mark.parametrize("mix", ["size", "equal"])
 @pytest.mark.parametrize("stop", [0, 3, 7, 8, 9, 15, 21])
-def test_resume_gives_the_same_batches(stop):
+def test_resume_gives_the_same_batches(stop, mix):
     """Restarting from state_dict() after `stop` batches continues the uninterrupted stream,
-    across epoch boundaries too (8 batches per epoch)."""
-    whole = take(Batches(two_datasets(), 4, seed=5), stop + 12)
-    first = Batches(two_datasets(), 4, seed=5)
+    across epoch boundaries too (8 batches per epoch by size, 10 by equal mix)."""
+    whole = take(Batches(two_datasets(), 4, seed=5, mix=mix), stop + 12)
+    first = Batches(two_datasets(), 4, seed=5, mix=mix)
     take(first, stop)
     state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint stores it
-    resumed = Batches(two_datasets(), 4, seed=5)
+    resumed = Batches(two_datasets(), 4, seed=5, mix=mix)
     take(resumed, 2)  # a stream elsewhere in its life must still land on the same position
     resumed.load_state_dict(state)
     assert take(resumed, 12) == whole[stop:]
