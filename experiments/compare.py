@@ -91,17 +91,14 @@ def diagnostic(model_dir, split, n=64):
     import torch
 
     from bireco import reconstruction_gap
-    from data import INSTRUCTIONS, Pair, TextFormat
-    from eval import read_split
+    from data import INSTRUCTIONS, TextFormat, split_pairs
     from model import load_model, load_tokenizer
 
     model = load_model(model_dir).eval()
     tok, eos_ids = load_tokenizer(model_dir)
     fmt, out = TextFormat(tok, eos_ids), {}
     for name in TASKS.values():
-        queries, corpus, qrels = read_split(os.path.join(ROOT, name, split))
-        pairs = [Pair(queries[q], corpus[d], None, INSTRUCTIONS[name])
-                 for q, relevant in list(qrels.items())[:n] for d in relevant]
+        pairs = split_pairs(os.path.join(ROOT, name, split), INSTRUCTIONS[name], n)
         out[name] = {}
         for task in ("d2q", "q2d"):
             gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
@@ -170,6 +167,7 @@ def main():
     def stage2(arm, seed, curve):
         """Stage II from the base model (baseline) or the arm's Stage I checkpoint, scored at its points."""
         d = os.path.join(args.out, f"{arm}-s{seed}", "contrastive")
+        curve = curve and args.curve > 0  # --curve 0: the end point only
         flags = shlex.split(args.contrastive)
         steps = int(flags[flags.index("--steps") + 1]) if "--steps" in flags else stage_default("steps")
         points = sorted({max(1, round(steps * (i + 1) / args.curve)) for i in range(args.curve)}) if curve else [steps]
