@@ -72,6 +72,9 @@ parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama/Q
 parser.add_argument("--data", nargs="+", default=[os.path.join(HERE, d, "train") for d in ("wordnet", "manpages")],
                     help="JSONL files {query, positive, negative}, one per source dataset, or folders of them; "
                     "Stage II uses in-batch negatives only where a file has no negatives")
+parser.add_argument("--mix", choices=["equal", "size"], default="equal",
+                    help="how often each dataset's batches come: equal = as often as the largest one's "
+                    "(the bundled datasets differ 100x in size), size = in proportion to size (the paper's E5 data)")
 parser.add_argument("--out", default=None, help="run folder; default out/<stage>-<model>-<date-time>")
 parser.add_argument("--resume", default=None, help="continue the run in this folder from its latest checkpoint")
 parser.add_argument("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
@@ -327,7 +330,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{**meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
@@ -359,7 +362,7 @@ def main(argv=None):
 
     try:
         data = load_pairs(*args.data)
-        batches = Batches(data, args.batch_size, args.seed)
+        batches = Batches(data, args.batch_size, args.seed, args.mix)
     except DataError as e:
         sys.exit(f"error: {e}")
     sizes = {k: len(v) for k, v in data.items()}
