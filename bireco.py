@@ -259,6 +259,51 @@ def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], t
     return true, shuffled
 
 
+@torch.no_grad()
+def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48) -> list[list[int]]:
+    """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
+    them: the anchor at position 0, then the tokens chosen so far. One full forward pass per new
+    token (no cache: short outputs, readable code). Each row ends at `stop_id` (not returned) or
+    after `max_new` tokens."""
+    device = model.lm_head.weight.device
+    x = anchor[:, None, :].to(device, model.lm_head.weight.dtype)  # (B, 1, D)
+    out, done = [[] for _ in range(len(x))], [False] * len(x)
+    for _ in range(max_new):
+        h = model(inputs_embeds=x)[:, -1]  # (B, D): the state that predicts the next token
+        nxt = model.lm_head(h).argmax(dim=-1)  # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            done[i] = done[i] or t == stop_id
+            if not done[i]:
+                out[i].append(t)
+        if all(done):
+            break
+        x = torch.cat([x, model.model.embed_tokens(nxt)[:, None, :].to(x.dtype)], dim=1)
+    return out
+
+
+@torch.no_grad()
+def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair], tokens: int = 32,
+                           width: int = 160) -> list[str]:
+    """Printable lines showing what the [EOS] vector remembers: for each pair its query and
+    document, each regenerated greedily from the other side's vector (EBQ2D, EBD2Q) and from the
+    next pair's vector ("shuffled"), each as long as its truth, at most `tokens` tokens (decoding
+    without a cache costs the square of the length)."""
+    clip = lambda t: " ".join(t.split()) if len(t) <= width else " ".join(t.split())[:width - 3] + "..."
+    n, rows = len(pairs), {}
+    for task, sources, truths in (("q2d", [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]),
+                                  ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs])):
+        lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths]
+        anchor = embed_texts(model, fmt, sources)
+        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths))
+        rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
+    lines = []
+    for i, p in enumerate(pairs):
+        lines += [f"  query     {clip(p.query)}", f"  document  {clip(p.positive)}",
+                  f"  EBQ2D     {clip(rows['q2d'][i])}", f"  shuffled  {clip(rows['q2d'][n + i])}",
+                  f"  EBD2Q     {clip(rows['d2q'][i])}", f"  shuffled  {clip(rows['d2q'][n + i])}"]
+    return lines
+
+
 # -----------------------------------------------------------------------------
 # Stage II: contrastive learning
 

@@ -52,6 +52,9 @@ parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bflo
                     help="auto: bfloat16 on CUDA and on CPUs with AMX / AVX512-BF16, else float32")
 parser.add_argument("--device", default=None, help="none: cuda if available, else cpu")
 parser.add_argument("--output", default="results", help="mteb result folder")
+parser.add_argument("--reconstruct", type=int, default=0, metavar="N",
+                    help="instead of scoring: print each model's reconstructions of N held-out pairs of the "
+                    "bundled tasks and the reconstruction diagnostic (true vs shuffled anchor) over the split")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -108,17 +111,6 @@ def digest(paths: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def read_split(folder: str):
-    """A bundled split: (queries {id: text}, corpus {id: text}, qrels {query id: {doc id: score}})."""
-    queries, corpus = ({r["id"]: r["text"] for _, r in data.read_jsonl(os.path.join(folder, f))}
-                       for f in ("queries.jsonl.gz", "corpus.jsonl.gz"))
-    qrels = {}
-    with open(os.path.join(folder, "qrels.tsv")) as f:
-        for q, d, score in (line.split("\t") for line in list(f)[1:]):  # header: query-id corpus-id score
-            qrels.setdefault(q, {})[d] = int(score)
-    return queries, corpus, qrels
-
-
 class BundledRetrieval(AbsTaskRetrieval):
     """A held-out split of a bundled dataset as an mteb retrieval task: <folder>/<split>/."""
     folder = None
@@ -131,7 +123,7 @@ class BundledRetrieval(AbsTaskRetrieval):
         super().__init__(**kwargs)
 
     def load_data(self, num_proc=None, **kwargs):
-        queries, corpus, qrels = read_split(self.path)
+        queries, corpus, qrels = data.read_split(self.path)
         as_rows = lambda texts: Dataset.from_list([{"id": k, "text": v} for k, v in texts.items()])
         self.dataset = {"default": {self.split: RetrievalSplitData(
             queries=as_rows(queries), corpus=as_rows(corpus), relevant_docs=qrels, top_ranked=None)}}
@@ -173,7 +165,7 @@ def bm25_ndcg10(folder: str, k1: float = 1.5, b: float = 0.75) -> float:
     """nDCG@10 of BM25 (lowercased word tokens, no stemming) on a bundled split: the lexical bar."""
     import numpy as np
 
-    queries, corpus, qrels = read_split(folder)
+    queries, corpus, qrels = data.read_split(folder)
     words = lambda text: re.findall(r"\w+", text.lower())
     ids, docs = list(corpus), [words(corpus[d]) for d in corpus]
     vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
@@ -261,6 +253,25 @@ def run_name(path: str) -> str:
     return os.path.basename(path)
 
 
+def reconstruction_report(path: str, names: list[str], n: int, device: str, dtype: torch.dtype):
+    """--reconstruct N: what a checkpoint's [EOS] vectors remember, on the bundled held-out split."""
+    from bireco import reconstruction_gap, reconstruction_samples
+
+    tokenizer, eos_ids = load_tokenizer(path)
+    model = load_model(path, device, dtype).eval()
+    fmt = data.TextFormat(tokenizer, eos_ids, args.max_length)
+    for name in names:
+        pairs = data.split_pairs(os.path.join(ROOT, BUNDLED[name], args.split), data.INSTRUCTIONS[BUNDLED[name]])
+        print(f"\n{run_name(path)} {name} ({args.split} split), {n} pairs: each side regenerated from the "
+              "other's [EOS] vector, and from the next pair's")
+        print(*reconstruction_samples(model, fmt, pairs[:n + 1])[:6 * n], sep="\n")
+        for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
+            gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
+            true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
+            print(f"  {label} target loss per token over {len(pairs)} pairs: true anchor {true:.3f}, "
+                  f"shuffled {shuffled:.3f}, gap {shuffled - true:.3f}")
+
+
 def main(args):
     names = {t.metadata.name for t in mteb.get_tasks()} | set(TASKS)
     for name in [] if args.benchmark else args.tasks:
@@ -277,6 +288,13 @@ def main(args):
         args.model = [default_model_dir()]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.reconstruct:
+        names = [t.metadata.name for t in tasks if t.metadata.name in TASKS]
+        if not names:
+            sys.exit("eval.py: --reconstruct reads the held-out pairs of the bundled tasks; none is among --tasks")
+        for path in args.model:
+            reconstruction_report(path, names, args.reconstruct, device, dtype)
+        return
     try:  # a folder results cannot be written to fails now, before any encoding
         os.makedirs(args.output, exist_ok=True)
         with open(os.path.join(args.output, ".write-test"), "w"):

@@ -39,8 +39,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
-from bireco import at_least_fp32, auto_dtype, contrastive_loss, embed, stage1_loss, stage1_sum_loss  # noqa: E402
-from data import Batches, DataError, TextFormat, load_pairs, pad, stage1_task  # noqa: E402
+from bireco import (at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
+                    stage1_loss, stage1_sum_loss)
+from data import Batches, DataError, Pair, TextFormat, load_pairs, pad, split_pairs, stage1_task  # noqa: E402
 from model import load_model, load_tokenizer, save_model  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -109,6 +110,9 @@ parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpo
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
 parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
+parser.add_argument("--sample-every", type=int, default=50,
+                    help="Stage I: print reconstructions of two held-out pairs at the start, every N steps "
+                    "(at a progress line) and at the end; 0 = never")
 
 # -----------------------------------------------------------------------------
 # LoRA: W x + (alpha / r) B A dropout(x), B initialised to zero so training starts at the base model
@@ -316,6 +320,30 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
 # -----------------------------------------------------------------------------
 
 
+def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
+    """Two fixed pairs to show reconstructions on: from the held-out validation splits beside the
+    training folders where there are such (the bundled datasets: one pair from each of the first
+    two), else the first two training pairs."""
+    pairs = []
+    for source in sources:
+        held_out = os.path.join(os.path.dirname(os.path.normpath(source)), "validation")
+        if os.path.basename(os.path.normpath(source)) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
+            instruction = next(iter(load_pairs(source).values()))[0].instruction
+            pairs += split_pairs(held_out, instruction, 1 if len(sources) > 1 else 2)
+    if len(pairs) >= 2:
+        return "held-out pairs", pairs[:2]
+    return "training pairs", [p for v in data.values() for p in v][:2]
+
+
+def print_samples(model, fmt, pairs, what, step, ctx):
+    model.eval()
+    with ctx:
+        lines = reconstruction_samples(model, fmt, pairs)
+    model.train()
+    print(f"samples at step {step} ({what}; each side regenerated from the other's [EOS] vector, "
+          "and from the other pair's):", *lines, sep="\n", flush=True)
+
+
 def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
@@ -427,6 +455,11 @@ def main(argv=None):
               file=sys.stderr)
     signal.signal(signal.SIGINT, on_sigint)
 
+    samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0
+    if samples:
+        what, shown = sample_pairs(args.data, data)
+        if step == 0:
+            print_samples(model, fmt, shown, what, 0, ctx)
     start_step = first = step
     t0, window = time.time(), {}
     warned = 0
@@ -473,6 +506,8 @@ def main(argv=None):
                 print(f"warning: {fmt.truncated} texts so far were longer than --max-length "
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = fmt.truncated
+            if samples and (step % args.sample_every == 0 or step == args.steps):
+                print_samples(model, fmt, shown, what, step, ctx)
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
             try:

@@ -393,3 +393,25 @@ def test_auto_dtype_follows_the_hardware():
     assert bireco.auto_dtype("cpu", "flags\t: avx512f avx512_bf16 avx512_vnni", "AVX512") == torch.bfloat16
     assert bireco.auto_dtype("cpu", "flags\t: avx2 amx_bf16 amx_tile", "AVX512") == torch.bfloat16
     assert bireco.auto_dtype("cpu", "flags\t: avx2 amx_bf16 amx_tile", "DEFAULT") == torch.float32  # kernels off
+
+
+def test_reconstruct_is_greedy_decoding_through_transformers(model, fmt, rows, tiny_model_dir):
+    """bireco.reconstruct equals a hand-written greedy loop through transformers fed the same
+    anchor as inputs_embeds; a row stops at stop_id, the others go on."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, torch_dtype=torch.float64).eval()
+    anchor = bireco.embed_texts(model, fmt, [(None, r["positive"]) for r in rows[:3]]).detach()
+    want = []
+    with torch.no_grad():
+        for a in anchor:
+            x, ids = a[None, None, :], []
+            for _ in range(10):
+                t = hf(inputs_embeds=x).logits[0, -1].argmax().item()
+                ids.append(t)
+                x = torch.cat([x, hf.get_input_embeddings()(torch.tensor([[t]]))], dim=1)
+            want.append(ids)
+    assert bireco.reconstruct(model, anchor, stop_id=-1, max_new=10) == want
+    stop = want[0][3]  # row 0 ends before its fourth token; rows without that token run to max_new
+    got = bireco.reconstruct(model, anchor, stop_id=stop, max_new=10)
+    for g, w in zip(got, want):
+        assert g == (w[:w.index(stop)] if stop in w else w)

@@ -234,3 +234,32 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
         for folder in (ro, full):
             subprocess.run(["umount", "-l", str(folder)], capture_output=True)
         os.chmod(ro, 0o755)
+
+
+def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
+    """--reconstruct 2: the first two held-out pairs with their four regenerated sides, then the
+    true vs shuffled anchor loss over the whole split, equal to bireco's diagnostic run here."""
+    import torch
+
+    import bireco
+    import data
+    from model import load_model, load_tokenizer
+
+    proc = run_eval("--model", tiny_model_dir, "--reconstruct", "2", "--tasks", "WordNetSenseRetrieval",
+                    "--split", "validation", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = data.split_pairs(os.path.join(ROOT, "wordnet", "validation"), data.INSTRUCTIONS["wordnet"])
+    lines = proc.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if "WordNetSenseRetrieval (validation split), 2 pairs" in line)
+    block = [line.split(None, 1) for line in lines[start + 1:start + 13]]
+    assert [k for k, _ in block] == ["query", "document", "EBQ2D", "shuffled", "EBD2Q", "shuffled"] * 2
+    assert [block[0][1], block[1][1], block[6][1]] == [pairs[0].query, pairs[0].positive, pairs[1].query]
+    model = load_model(tiny_model_dir).eval()
+    fmt = data.TextFormat(*load_tokenizer(tiny_model_dir))
+    for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
+        line = next(line for line in lines[start + 13:] if line.strip().startswith(f"{label} target loss"))
+        assert f"over {len(pairs)} pairs" in line
+        with torch.no_grad():
+            gaps = [bireco.reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
+        true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
+        assert f"true anchor {true:.3f}, shuffled {shuffled:.3f}" in line

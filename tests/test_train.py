@@ -105,6 +105,13 @@ def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_di
     assert row[0] == 2 and f"step 2/2 | {loss_name} " in proc.stdout
     assert list(row[1]) == [loss_name] and np.isfinite(row[1][loss_name])
     assert row[2] == pytest.approx(lr, rel=1e-2) and row[3] == negatives
+    samples = [line for line in proc.stdout.splitlines() if line.startswith("samples at step")]
+    if stage == "recon":  # Stage I shows reconstructions at the start and at the end
+        assert [s.split()[3] for s in samples] == ["0", "2"] and "(training pairs;" in samples[0]
+        first = wordnet_rows(64)[0]  # the tiny data's first pair, shown with its regenerated sides
+        assert f"  query     {first['query']}\n  document  {first['positive']}\n  EBQ2D     " in proc.stdout
+    else:
+        assert samples == []
 
     latest = out / "latest"
     assert os.path.islink(latest) and os.readlink(latest) == "step-000002"
@@ -495,3 +502,14 @@ def test_resume_keeps_the_saved_settings_and_data(tiny_model_dir, tmp_path, caps
         train.main(["--resume", run])
     assert "changed since the run started" in str(e.value.code) and "{'wordnet': 8}" in str(e.value.code)
     assert meta(run)["step"] == 1
+
+
+def test_samples_come_from_the_held_out_splits():
+    """On the bundled datasets the Stage I samples are the first validation pair of each."""
+    from data import INSTRUCTIONS, split_pairs
+
+    sources = [os.path.join(ROOT, name, "train") for name in ("wordnet", "manpages")]
+    what, pairs = train.sample_pairs(sources, load_pairs(*sources))
+    assert what == "held-out pairs"
+    assert pairs == [split_pairs(os.path.join(ROOT, name, "validation"), INSTRUCTIONS[name], 1)[0]
+                     for name in ("wordnet", "manpages")]
