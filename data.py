@@ -64,6 +64,16 @@ class Pair:
     instruction: str
 
 
+BUNDLED_TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # eval task -> folder, dataset
+
+
+def task_instructions() -> dict[str, str]:
+    """The query instruction of every evaluation task: E5-Mistral's for the MTEB(eng, v1) tasks
+    (instructions.json) and the training instruction for the two bundled tasks."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "instructions.json")) as f:
+        return json.load(f) | {task: INSTRUCTIONS[name] for task, name in BUNDLED_TASKS.items()}
+
+
 def read_jsonl(path: str):
     """Yields (line_number, dict) from a .jsonl or .jsonl.gz file, naming the line on bad input."""
     opener = gzip.open if path.endswith(".gz") else open
@@ -162,12 +172,19 @@ class TextFormat:
             self.eos_id = tokenizer.token_to_id("<|eot_id|>")
         else:
             opening, self.eos_id = "", eos_ids[0]
-        begin = tokenizer.encode("", add_special_tokens=True).ids  # e.g. Llama-3's <|begin_of_text|>
-        self.head = begin + self.ids(opening)
+        # what the tokenizer's own post-processor puts around a text: nothing, Llama-3's
+        # <|begin_of_text|>, or the whole template where bireco.save_sentence_transformers wrote it
+        probe, full = self.ids("x"), tokenizer.encode("x", add_special_tokens=True).ids
+        at = next(i for i in range(len(full)) if full[i:i + len(probe)] == probe)
+        before, after = full[:at], full[at + len(probe):]
+        opening_ids = self.ids(opening)
+        templated = after == [self.eos_id] and before[len(before) - len(opening_ids):] == opening_ids
+        self.head = before if templated else before + opening_ids
         self.pad_id = self.eos_id  # pads are masked out; any valid id does
         self.truncated = 0  # texts shortened to fit max_length, reported by the caller
+        self._prefix_len = {}  # instruction prefix -> its token count
 
-    def ids(self, text: str) -> list[int]:
+    def ids(self, text: str) -> list[int]:  # the text's own tokens, nothing added
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def _fit(self, ids: list[int], room: int) -> list[int]:
@@ -177,11 +194,15 @@ class TextFormat:
         return ids
 
     def embed_ids(self, text: str, instruction: str | None = None) -> list[int]:
-        head = self.head + (self.ids(f"Instruct: {instruction}\nQuery: ") if instruction else [])
-        if len(head) + 2 > self.max_length:  # else a negative room would cut from the wrong end
+        # instruction and text are one string, tokenized in one piece, as sentence-transformers
+        # tokenizes a prompt and its text (tokenized apart, "Query: " would end in a lone space token)
+        prefix = f"Instruct: {instruction}\nQuery: " if instruction else ""
+        if prefix not in self._prefix_len:
+            self._prefix_len[prefix] = len(self.ids(prefix))
+        if len(self.head) + self._prefix_len[prefix] + 2 > self.max_length:  # else the cut would eat the instruction
             raise ValueError(f"max_length={self.max_length} leaves no room for text after the "
-                             f"{len(head)}-token template and instruction {instruction!r}")
-        return head + self._fit(self.ids(text), self.max_length - len(head) - 1) + [self.eos_id]
+                             f"{len(self.head) + self._prefix_len[prefix]}-token template and instruction {instruction!r}")
+        return self.head + self._fit(self.ids(prefix + text), self.max_length - len(self.head) - 1) + [self.eos_id]
 
     def target_ids(self, text: str) -> list[int]:
         return self._fit(self.ids(text), self.max_length - 1)  # the anchor takes one position

@@ -55,6 +55,16 @@ def test_chatml_format(tiny_model_dir):
     assert q[-1] == d[-1] == fmt.eos_id == tok.token_to_id("<|im_end|>")
 
 
+def test_instruction_and_text_are_tokenized_in_one_piece(tiny_model_dir):
+    """A query is the template, then "Instruct: ...\nQuery: {text}" tokenized as one string (as
+    sentence-transformers tokenizes a prompt and its text), then the EOS."""
+    tok, eos_ids = load_tokenizer(tiny_model_dir)
+    fmt = TextFormat(tok, eos_ids)
+    q = fmt.embed_ids(TEXT, INSTR)
+    assert q == fmt.head + fmt.ids(f"Instruct: {INSTR}\nQuery: {TEXT}") + [fmt.eos_id]
+    assert q != fmt.head + fmt.ids(f"Instruct: {INSTR}\nQuery: ") + fmt.ids(TEXT) + [fmt.eos_id]
+
+
 def test_llama3_header_format():
     """Llama-3 header tokens: <|begin_of_text|> from the post-processor, a user header, <|eot_id|>."""
     tok = byte_bpe(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -107,8 +117,8 @@ def test_truncation_keeps_the_eos(tiny_model_dir):
     for instruction in (None, "Find it"):
         ids = fmt.embed_ids(long, instruction)
         assert len(ids) == 32 and ids[-1] == fmt.eos_id
-        head = fmt.head + (fmt.ids(f"Instruct: {instruction}\nQuery: ") if instruction else [])
-        assert ids[:-1] == (head + fmt.ids(long))[:31]  # the end of the text goes, nothing else
+        prefix = f"Instruct: {instruction}\nQuery: " if instruction else ""
+        assert ids[:-1] == (fmt.head + fmt.ids(prefix + long))[:31]  # the end of the text goes, nothing else
     assert fmt.truncated == 2
     assert len(fmt.embed_ids(TEXT)) < 32 and fmt.truncated == 2  # short texts are not counted
     y = fmt.target_ids(long)
