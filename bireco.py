@@ -19,14 +19,16 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
 Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a batch.
 """
 
+import json
+import os
 import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Pair, TextFormat, pad
-from model import Transformer
+from data import Pair, TextFormat, pad, task_instructions
+from model import Transformer, load_model, load_tokenizer
 
 def auto_dtype(device, cpuinfo: str | None = None, capability: str | None = None) -> torch.dtype:
     """The compute dtype a device runs fastest without losing training quality: bf16 on CUDA and on
@@ -94,6 +96,12 @@ class Embedder:
     def __init__(self, model: Transformer, fmt: TextFormat, pooling: str = "last", normalize: bool = True):
         self.model, self.fmt, self.pooling, self.normalize = model.eval(), fmt, pooling, normalize
 
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, max_length: int = 512):
+        """The embedder of a checkpoint folder (a train.py checkpoint or any HF Llama / Qwen folder)."""
+        tokenizer, eos_ids = load_tokenizer(path)
+        return cls(load_model(path, device, dtype), TextFormat(tokenizer, eos_ids, max_length))
+
     @torch.no_grad()
     def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
@@ -112,6 +120,58 @@ class Embedder:
                 e = F.normalize(e, dim=-1)
             out[rows] = e.cpu().numpy()
         return out
+
+
+def st_prompts(instructions: dict[str, str]) -> dict[str, str]:
+    """sentence-transformers prompts under the keys mteb looks up, giving eval.py's convention: a
+    task's documents get nothing ("{task}-document"), its queries and the texts of tasks without
+    queries and documents get "Instruct: {instruction}\nQuery: " ("{task}-query", "{task}")."""
+    prompts = {}
+    for task, instruction in instructions.items():
+        prompts |= {f"{task}-query": f"Instruct: {instruction}\nQuery: ", f"{task}-document": "",
+                    task: f"Instruct: {instruction}\nQuery: "}
+    return prompts
+
+
+def save_sentence_transformers(path: str, fmt: TextFormat, dim: int, max_length: int = 512):
+    """Makes the model folder `path` load as sentence_transformers.SentenceTransformer(path) and
+    embed as Embedder does: its tokenizer.json gets a post-processor that wraps every text in the
+    user-turn template and the EOS (so the instruction and the text are one string, tokenized in
+    one piece, as in TextFormat); then last-token pooling and normalisation; prompts as st_prompts."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer.from_str(fmt.tok.to_str())  # a copy: fmt's tokenizer stays as it is
+    eos = tok.id_to_token(fmt.eos_id)
+    head = [dict(id="[TEMPLATE]", ids=fmt.head, tokens=[tok.id_to_token(i) for i in fmt.head])] if fmt.head else []
+    single = ("[TEMPLATE] " if head else "") + f"$A {eos}"
+    tok.post_processor = TemplateProcessing(single=single, pair=f"{single} $B:1 {eos}:1",
+                                            special_tokens=head + [(eos, fmt.eos_id)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, eos_token=eos,
+                  pad_token=eos, padding_side="right")  # the class that takes tokenizer.json as it is
+    files = {
+        "tokenizer_config.json": config,
+        "modules.json": [
+            dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
+            dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
+            dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize")],
+        "sentence_bert_config.json": dict(max_seq_length=max_length, do_lower_case=False),
+        "1_Pooling/config.json": dict(word_embedding_dimension=dim, pooling_mode_cls_token=False,
+                                      pooling_mode_mean_tokens=False, pooling_mode_max_tokens=False,
+                                      pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
+                                      pooling_mode_lasttoken=True, include_prompt=True),
+        "config_sentence_transformers.json": dict(
+            prompts=st_prompts(task_instructions()),
+            default_prompt_name=None, similarity_fn_name="cosine"),
+    }
+    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+    os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -318,3 +378,28 @@ def contrastive_loss(q, p, n=None, temperature: float = 0.02):
     scores = q @ cands.T / temperature  # (B, B + B')
     labels = torch.arange(q.shape[0], device=q.device)
     return F.cross_entropy(scores, labels), cands.shape[0] - 1
+
+
+if __name__ == "__main__":
+    import argparse
+    import shutil
+
+    parser = argparse.ArgumentParser(description="Copy a model folder (default: the embedded SmolLM2-135M-"
+                                     "Instruct) into OUT as a folder sentence-transformers loads; train.py's "
+                                     "checkpoints are such folders already.")
+    parser.add_argument("out")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama / Qwen)")
+    args = parser.parse_args()
+    if args.model is None:
+        from smollm2 import default_model_dir
+        args.model = default_model_dir()
+    model_files = [f for f in os.listdir(args.model) if f.endswith((".safetensors", ".json"))]
+    os.makedirs(args.out, exist_ok=True)
+    for f in model_files:
+        shutil.copy(os.path.join(args.model, f), args.out)
+    tokenizer, eos_ids = load_tokenizer(args.out)
+    with open(os.path.join(args.out, "config.json")) as f:
+        dim = json.load(f)["hidden_size"]
+    save_sentence_transformers(args.out, TextFormat(tokenizer, eos_ids), dim)
+    print(f"{args.out}: SentenceTransformer({args.out!r}) loads it")
+

@@ -33,15 +33,16 @@ import time
 from math import nan
 from urllib.parse import urlparse
 
+import data  # torch, not mteb: mteb reads HF_HUB_OFFLINE at import
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
-BUNDLED = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # task -> folder and dataset
 METRICS = ["ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"]  # retrieval rows
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--model", action="append", default=None,
                     help="checkpoint folder; repeat to compare (none: the embedded SmolLM2-135M-Instruct)")
-parser.add_argument("--tasks", nargs="+", default=list(BUNDLED), help="MTEB task names")
+parser.add_argument("--tasks", nargs="+", default=list(data.BUNDLED_TASKS), help="MTEB task names")
 parser.add_argument("--split", choices=["test", "validation"], default="test",
                     help="split of the bundled tasks: validation for choosing settings, test for reporting")
 parser.add_argument("--benchmark", default=None, help='MTEB benchmark name, e.g. "MTEB(eng, v1)" (replaces --tasks)')
@@ -75,7 +76,7 @@ if __name__ == "__main__":
             sys.exit(f"eval.py: --model {path} is not a checkpoint folder (no config.json in it)")
     # huggingface_hub and datasets read HF_HUB_OFFLINE at import, so decide before `import mteb`: offline,
     # a task whose data is not in the local cache fails at once instead of retrying for half a minute
-    if (args.benchmark or set(args.tasks) - set(BUNDLED)) and not os.environ.get("HF_HUB_OFFLINE") \
+    if (args.benchmark or set(args.tasks) - set(data.BUNDLED_TASKS)) and not os.environ.get("HF_HUB_OFFLINE") \
             and not hub_reachable():
         print("note: the Hugging Face hub is unreachable; only data in the local cache can be used")
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -93,12 +94,10 @@ from mteb.models import ModelMeta  # noqa: E402
 from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-import data  # noqa: E402
 from bireco import Embedder, auto_dtype  # noqa: E402
 from model import load_model, load_tokenizer  # noqa: E402
 
-with open(os.path.join(ROOT, "instructions.json")) as f:
-    INSTRUCTIONS = json.load(f) | {task: data.INSTRUCTIONS[name] for task, name in BUNDLED.items()}  # as in training
+INSTRUCTIONS = data.task_instructions()
 
 
 def digest(paths: list[str]) -> str:
@@ -261,7 +260,8 @@ def reconstruction_report(path: str, names: list[str], n: int, device: str, dtyp
     model = load_model(path, device, dtype).eval()
     fmt = data.TextFormat(tokenizer, eos_ids, args.max_length)
     for name in names:
-        pairs = data.split_pairs(os.path.join(ROOT, BUNDLED[name], args.split), data.INSTRUCTIONS[BUNDLED[name]])
+        folder = data.BUNDLED_TASKS[name]
+        pairs = data.split_pairs(os.path.join(ROOT, folder, args.split), data.INSTRUCTIONS[folder])
         print(f"\n{run_name(path)} {name} ({args.split} split), {n} pairs: each side regenerated from the "
               "other's [EOS] vector, and from the next pair's")
         print(*reconstruction_samples(model, fmt, pairs[:n + 1])[:6 * n], sep="\n")

@@ -40,7 +40,7 @@ import torch.nn as nn  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 from bireco import (at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
-                    stage1_loss, stage1_sum_loss)
+                    save_sentence_transformers, stage1_loss, stage1_sum_loss)
 from data import Batches, DataError, Pair, TextFormat, load_pairs, pad, split_pairs, stage1_task  # noqa: E402
 from model import load_model, load_tokenizer, save_model  # noqa: E402
 
@@ -207,6 +207,8 @@ def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, ba
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(base_model, f)):
             shutil.copy(os.path.join(base_model, f), tmp)
+    tokenizer, eos_ids = load_tokenizer(tmp)  # every checkpoint is also a sentence-transformers folder
+    save_sentence_transformers(tmp, TextFormat(tokenizer, eos_ids), model.config.hidden_size)
     state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable,
                  rng=(random.getstate(), np.random.get_state(), torch.get_rng_state(),
                       torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
