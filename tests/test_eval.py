@@ -53,6 +53,24 @@ def test_default_task_end_to_end_in_mteb_layout(two_model_run, tiny_model_dir):
     assert meta["revision"] == os.path.basename(revision_dir)
 
 
+def test_mteb_reads_the_results_back(two_model_run, tiny_model_dir):
+    """mteb's own result loading (ResultCache) finds both models' results with their model meta,
+    and the score it reads is the one the table printed."""
+    from mteb.cache import ResultCache
+
+    proc, out = two_model_run
+    cache = ResultCache(out)
+    models = dict(cache.get_models(include_remote=False))  # {folder name ("/" as "__"): revision}
+    name = f"bireco/{os.path.basename(tiny_model_dir)}"
+    assert {name, "bireco/tiny-copy"} <= {m.replace("__", "/") for m in models}
+    result = cache.load_task_result("WordNetSenseRetrieval", name, models[name.replace("/", "__")],
+                                    raise_if_not_found=True)
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("WordNetSenseRetrieval ndcg_at_10"))
+    assert result.get_score() == pytest.approx(float(row.split()[2]), abs=5e-5)
+    loaded = cache.load_results(models=[name], tasks=["WordNetSenseRetrieval"], include_remote=False)
+    assert [m.model_name for m in loaded.model_results] == [name]
+
+
 def test_two_models_make_one_table(two_model_run, tiny_model_dir):
     proc, _ = two_model_run
     lines = proc.stdout.splitlines()
