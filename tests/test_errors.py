@@ -385,8 +385,10 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(cli, tiny_model_dir, pa
     assert f"resumed {run} at step 2/4" in out
     assert re.findall(r"^step (\d)/4 \|", out, re.M) == ["3", "4"]
     assert sorted(os.listdir(run)) == ["latest", "step-000004"]
-    assert sorted(os.listdir(latest)) == ["config.json", "generation_config.json", "meta.json",
-                                          "model.safetensors", "tokenizer.json", "train_state.pt"]
+    assert sorted(os.listdir(latest)) == ["1_Pooling", "2_Normalize", "config.json", "config_sentence_transformers.json",
+                                          "generation_config.json", "meta.json", "model.safetensors", "modules.json",
+                                          "sentence_bert_config.json", "tokenizer.json", "tokenizer_config.json",
+                                          "train_state.pt"]
 
     whole = tmp_path / "whole"  # the same run, never interrupted
     code, _, err = cli(*recon(tiny_model_dir, pairs8, whole, *KILLED_RUN))
@@ -484,8 +486,8 @@ def test_out_of_memory_names_the_flags_that_lower_it(cli, tiny_model_dir, tmp_pa
     space to spare: the allocation fails for real, and the run ends with the flags that need less."""
     folder = data_folder(str(tmp_path / "long"), long_rows(32))
     code, out, err = cli("--stage", "contrastive", "--model", tiny_model_dir, "--data", folder, "--batch-size", "32",
-                         "--chunk", "100000", "--dtype", "float32", "--out", tmp_path / "run", "--steps", "2",
-                         fault="memory_limit")
+                         "--chunk", "100000", "--max-length", "512", "--dtype", "float32", "--out", tmp_path / "run",
+                         "--steps", "2", fault="memory_limit")
     assert "Traceback" not in err and code == 1, err[-3000:]
     assert re.fullmatch(r"error: out of memory at step 1 \(.*can't allocate memory.*\); lower the memory a step "
                         r"needs with --batch-size, --chunk \(Stage II\), --grad-ckpt or --max-length\. "
