@@ -16,8 +16,11 @@ Every checkpoint is a plain model folder (HF-named safetensors, config.json, tok
 meta.json) that model.load_model, eval.py and transformers read; LoRA is merged on save.
 Checkpoints are written to a new folder and then published by an atomic rename of the
 `latest` link, so a kill mid-save leaves the previous checkpoint intact.
-Left out: multi-GPU (negatives gathered across devices), mixed-precision master weights other than
-fp32 + autocast, dataloader worker processes.
+Data-parallel under torchrun (torchrun --nproc_per_node=N train.py ...): every rank draws the same
+global batch and takes its slice; Stage II gathers the embeddings of all slices, so each query
+meets the whole global batch; gradients are summed across ranks once per optimizer step; rank 0
+prints and writes the checkpoints.
+Left out: mixed-precision master weights other than fp32 + autocast, dataloader worker processes.
 """
 
 import argparse
@@ -36,6 +39,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
@@ -178,14 +182,36 @@ class SaveError(Exception):
     """A checkpoint could not be written (disk full, permission denied, read-only folder)."""
 
 
-def save_checkpoint(run, model, opt, batches, step, args, base_model):
+def rng_states():
+    """Every RNG a step draws from; under torchrun every rank's, since their dropout masks differ."""
+    mine = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    if WORLD == 1:
+        return mine
+    ranks = [None] * WORLD
+    dist.all_gather_object(ranks, tuple(x.cpu() if torch.is_tensor(x) else x for x in mine[:3]) + (
+        [r.cpu() for r in mine[3]] if mine[3] is not None else None,))
+    return {"ranks": ranks}
+
+
+def set_rng_states(saved):
+    py_rng, np_rng, torch_rng, cuda_rng = saved["ranks"][RANK] if isinstance(saved, dict) else saved
+    random.setstate(py_rng)
+    np.random.set_state(np_rng)
+    torch.set_rng_state(torch_rng.cpu())
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
+
+
+def save_checkpoint(run, model, opt, batches, step, args, base_model, rng=None):
     """Writes <run>/step-NNNNNN completely, then atomically points <run>/latest at it. On an OSError
     the partial folder is removed, `latest` still names the previous checkpoint, and SaveError says
     which folder and why."""
     name = f"step-{step:06d}"
     final, tmp = os.path.join(run, name), os.path.join(run, f".{name}.tmp")
     try:
-        return _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model)
+        return _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model,
+                                 rng if rng is not None else rng_states())
     except (OSError, SafetensorError) as e:  # safetensors reports the OS error in its own type
         cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
         for partial in (tmp, os.path.join(run, ".latest.tmp")) + (() if _points_at(run, name) else (final,)):
@@ -201,7 +227,7 @@ def _points_at(run, name):
     return os.path.islink(latest) and os.readlink(latest) == name
 
 
-def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model):
+def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model, rng):
     shutil.rmtree(tmp, ignore_errors=True)
     # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
     trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
@@ -211,9 +237,7 @@ def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, ba
             shutil.copy(os.path.join(base_model, f), tmp)
     tokenizer, eos_ids = load_tokenizer(tmp)  # every checkpoint is also a sentence-transformers folder
     save_sentence_transformers(tmp, TextFormat(tokenizer, eos_ids), model.config.hidden_size)
-    state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable,
-                 rng=(random.getstate(), np.random.get_state(), torch.get_rng_state(),
-                      torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable, rng=rng)
     with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
         try:
             torch.save(state, f)
@@ -249,6 +273,57 @@ def latest_checkpoint(run):
 
 
 # -----------------------------------------------------------------------------
+# Data parallelism: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; plain `python train.py` runs
+# one process and never creates a process group.
+
+RANK, WORLD = 0, 1
+
+
+def setup_distributed(args):
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:  # one GPU per process
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    if RANK:  # rank 0 alone prints; errors still reach stderr from every rank
+        sys.stdout = open(os.devnull, "w")
+
+
+def my_slice(batch: list) -> list:
+    """This rank's contiguous share of the global batch (rank order = batch order)."""
+    n = len(batch) // WORLD
+    return batch[RANK * n:(RANK + 1) * n]
+
+
+def all_sum(x: float | int) -> float:
+    if WORLD == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def sum_gradients(params):
+    """Sums the ranks' gradients. An explicit all-reduce once per optimizer step rather than
+    DistributedDataParallel: each rank's loss is already its share of the global loss (Stage II:
+    the gradient of the one global InfoNCE loss; Stage I: token sums over the global token count),
+    so the sum is the one-device gradient, whatever the micro-batches, chunks and passes were."""
+    if WORLD == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grad = p.grad if p.grad.device.type != "cpu" or p.grad.is_contiguous() else p.grad.contiguous()
+        dist.all_reduce(grad)
+        if grad is not p.grad:
+            p.grad.copy_(grad)
+
+
+# -----------------------------------------------------------------------------
 # Steps
 
 
@@ -264,15 +339,25 @@ def lr_at(step, args):
 
 
 def recon_step(model, fmt, batch, micro, args, ctx):
-    """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)})."""
+    """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)}). Across
+    ranks each loss is a mean over the global batch's target tokens of that task, each rank
+    contributing its own tokens' sum; the logged values are the global means."""
     w = dict(d2q=args.task_weights[0], q2d=args.task_weights[1])
+    mine, share = my_slice(batch), dict(d2q=1.0, q2d=1.0)  # share: this rank's part of the task's target tokens
+    if WORLD > 1:
+        for task, texts in (("d2q", [p.query for p in mine]), ("q2d", [p.positive for p in mine])):
+            tokens = sum(min(len(fmt.ids(x)), fmt.max_length - 1) for x in texts)  # as target_ids cuts them
+            share[task] = tokens / all_sum(tokens)
     if args.mode == "interleave":
         task = stage1_task(micro, w["d2q"], w["q2d"])
         with ctx:
-            loss, n_tok = stage1_loss(model, fmt, batch, task)
-        return loss, {task: (loss.item(), n_tok)}
+            loss, n_tok = stage1_loss(model, fmt, mine, task)
+        loss = loss * share[task]
+        return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
+    weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # weighted local means = global terms
     with ctx:  # sum: both tasks, one output-layer pass over their targets
-        return stage1_sum_loss(model, fmt, batch, {t: w[t] for t in ("d2q", "q2d") if w[t] > 0})
+        loss, logs = stage1_sum_loss(model, fmt, mine, weights)
+    return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
 
 
 def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
@@ -288,15 +373,26 @@ def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
-    """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives)."""
+    """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives).
+    Under torchrun a rank embeds its slice and the loss is taken over every rank's embeddings."""
+    batch = my_slice(batch)
     items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
              + [(None, p.negative) for p in batch if p.negative is not None])
     B, seqs = len(batch), [fmt.embed_ids(text, instruction) for instruction, text in items]
     chunks = token_chunks([len(s) for s in seqs], args.chunk)
     embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
-    loss_of = lambda reps: contrastive_loss(reps[:B], reps[B:2 * B], reps[2 * B:] if len(items) > 2 * B
-                                            else None, args.temperature)
-    if len(chunks) == 1:  # the whole batch fits in one pass: the plain step
+    sections = len(items) // B  # queries, positives (, negatives)
+
+    def loss_of(reps):
+        if WORLD > 1:  # the global batch: every rank's embeddings, in rank order; only ours carry a gradient
+            parts = [torch.empty_like(reps) for _ in range(WORLD)]
+            dist.all_gather(parts, reps.detach().contiguous())
+            parts[RANK] = reps
+            reps = torch.cat([part.chunk(sections)[k] for k in range(sections) for part in parts])
+        q, p, *n = reps.chunk(sections)
+        return contrastive_loss(q, p, n[0] if n else None, args.temperature)
+
+    if len(chunks) == 1 and WORLD == 1:  # the whole batch fits in one pass: the plain step
         with ctx:
             loss, negatives = loss_of(embed_chunk(list(range(len(items)))))
         (loss * scale).backward()
@@ -354,6 +450,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
         parser.error("--stage is required (or --resume RUN to continue a run)")
+    setup_distributed(args)
     resume_from = meta = None
     if args.resume:
         changed = [k for k, v in vars(args).items()
@@ -381,6 +478,12 @@ def main(argv=None):
             args.model = default_model_dir()
         name = os.path.basename(os.path.normpath(args.model))
         args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if WORLD > 1:  # the ranks may have started in different seconds: rank 0's name
+            names = [args.out]
+            dist.broadcast_object_list(names)
+            args.out = names[0]
+        if args.batch_size % WORLD:
+            parser.error(f"--batch-size {args.batch_size} must be a multiple of the {WORLD} processes")
         if os.path.lexists(os.path.join(args.out, "latest")) and not args.overwrite:
             sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
                      "or --overwrite to replace it")
@@ -436,18 +539,18 @@ def main(argv=None):
                 named[k].copy_(v)
         opt.load_state_dict(state["opt"])
         batches.load_state_dict(state["data"])
-        py_rng, np_rng, torch_rng, cuda_rng = state["rng"]
-        random.setstate(py_rng)
-        np.random.set_state(np_rng)
-        torch.set_rng_state(torch_rng.cpu())
-        if cuda_rng is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
+        if isinstance(state["rng"], dict) != (WORLD > 1) or (WORLD > 1 and len(state["rng"]["ranks"]) != WORLD):
+            saved = len(state["rng"]["ranks"]) if isinstance(state["rng"], dict) else 1
+            sys.exit(f"error: {resume_from} was saved by {saved} process(es); resume it with as many "
+                     f"(torchrun --nproc_per_node={saved}), not {WORLD}")
+        set_rng_states(state["rng"])
         step = meta["step"]
         print(f"resumed {run} at step {step}/{args.steps}")
     n_train = sum(p.numel() for p in params)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{n_train / 1e6:.2f}M trained | data {sum(map(len, data.values()))} pairs in {len(data)} "
-          f"datasets | batch {args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}")
+          f"datasets | batch {args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}"
+          + (f" | world size {WORLD} ({args.batch_size // WORLD} pairs per process)" if WORLD > 1 else ""))
 
     # Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once
     stop, last_saved = [], resume_from
@@ -461,7 +564,7 @@ def main(argv=None):
               file=sys.stderr)
     signal.signal(signal.SIGINT, on_sigint)
 
-    samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0
+    samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0 and RANK == 0
     if samples:
         what, shown = sample_pairs(args.data, data)
         if step == 0:
@@ -489,6 +592,7 @@ def main(argv=None):
                                  f"saving. Last saved checkpoint: {last_saved or 'none yet'}")
                 window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
                                                                  for t in (p.query, p.positive))
+            sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
         except Exception as e:  # CPU and CUDA allocators both raise a RuntimeError subclass
@@ -508,22 +612,31 @@ def main(argv=None):
             print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {window['tokens'] / dt:.0f} tok/s"
                   f"{extra} | eta {eta / 60:.1f} min", flush=True)
             window, t0, first = {}, time.time(), step
-            if fmt.truncated > warned:
-                print(f"warning: {fmt.truncated} texts so far were longer than --max-length "
+            truncated = int(all_sum(fmt.truncated))  # every rank's texts
+            if truncated > warned:
+                print(f"warning: {truncated} texts so far were longer than --max-length "
                       f"{args.max_length} tokens and were cut (their EOS kept)")
-                warned = fmt.truncated
+                warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
                 print_samples(model, fmt, shown, what, step, ctx)
+        if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
+            stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
-            try:
-                last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model)
-            except SaveError as e:
-                sys.exit(f"error: {e}. The previous checkpoint is kept: {last_saved or 'none yet'}")
-            print(f"saved {last_saved}")
+            rng = rng_states()  # every rank's, gathered
+            if RANK == 0:
+                try:
+                    last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model, rng)
+                except SaveError as e:
+                    sys.exit(f"error: {e}. The previous checkpoint is kept: {last_saved or 'none yet'}")
+                print(f"saved {last_saved}")
+            if WORLD > 1:
+                dist.barrier()  # the others wait for the checkpoint, so a stop leaves a whole one
         if stop or done_here:
             break
     print(f"done: {os.path.join(run, 'latest')} (step {step}/{args.steps})")
+    if WORLD > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
