@@ -4,6 +4,7 @@ The two training stages of arXiv 2509.03020, one linear loop.
   python train.py --stage recon                      # Stage I: EBQ2D + EBD2Q, full fine-tune
   python train.py --stage contrastive --model DIR    # Stage II: InfoNCE with LoRA (from Stage I)
   python train.py --stage contrastive                # the paper's baseline: Stage II on the base model
+  torchrun --nproc_per_node=8 train.py ...           # data-parallel, --batch-size stays the global batch
 
 Stage I interleaves whole batches of EBD2Q and EBQ2D at the ratio of the task weights (or sums
 both losses on every batch with --mode sum, as the official code does). Stage II embeds the
