@@ -280,18 +280,25 @@ def latest_checkpoint(run):
 RANK, WORLD = 0, 1
 
 
-def setup_distributed(args):
+def setup_distributed(device: str):
+    """Joins torchrun's process group, if there is one: NCCL with one GPU per process, or gloo."""
     global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return
-    cuda = args.device.startswith("cuda")
-    if cuda:  # one GPU per process
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(args.device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if cuda else "gloo")
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
     if RANK:  # rank 0 alone prints; errors still reach stderr from every rank
         sys.stdout = open(os.devnull, "w")
+
+
+def local_device(device: str) -> torch.device:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if WORLD > 1 and device.startswith("cuda"):
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(device)
 
 
 def my_slice(batch: list) -> list:
@@ -316,12 +323,9 @@ def sum_gradients(params):
     if WORLD == 1:
         return
     for p in params:
-        if p.grad is None:
+        if p.grad is None:  # every rank reduces the same tensors, in the same order
             p.grad = torch.zeros_like(p)
-        grad = p.grad if p.grad.device.type != "cpu" or p.grad.is_contiguous() else p.grad.contiguous()
-        dist.all_reduce(grad)
-        if grad is not p.grad:
-            p.grad.copy_(grad)
+        dist.all_reduce(p.grad)
 
 
 # -----------------------------------------------------------------------------
@@ -451,7 +455,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
         parser.error("--stage is required (or --resume RUN to continue a run)")
-    setup_distributed(args)
+    setup_distributed(args.device)
     resume_from = meta = None
     if args.resume:
         changed = [k for k, v in vars(args).items()
@@ -494,7 +498,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device(args.device)
+    device = local_device(args.device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     print("config:", json.dumps(vars(args), sort_keys=True))
 
