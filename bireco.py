@@ -319,6 +319,14 @@ def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], t
     return true, shuffled
 
 
+def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
+                             batch: int = 16) -> tuple[float, float]:
+    """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
+    it): the mean over batches of the true and of the shuffled anchor's loss."""
+    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task) for i in range(0, len(pairs), batch)]
+    return sum(t for t, _ in gaps) / len(gaps), sum(s for _, s in gaps) / len(gaps)
+
+
 @torch.no_grad()
 def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48) -> list[list[int]]:
     """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees

@@ -95,7 +95,6 @@ from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
 from bireco import Embedder, auto_dtype  # noqa: E402
-from model import load_model, load_tokenizer  # noqa: E402
 
 INSTRUCTIONS = data.task_instructions()
 
@@ -191,9 +190,8 @@ class Encoder(AbsEncoder):
     """mteb's encoder protocol for one checkpoint folder."""
 
     def __init__(self, path: str, device: str, dtype: torch.dtype, max_length: int = 512, batch_size: int = 32):
-        tokenizer, eos_ids = load_tokenizer(path)
-        model = load_model(path, device, dtype)
-        self.embedder = Embedder(model, data.TextFormat(tokenizer, eos_ids, max_length))
+        self.embedder = Embedder.from_pretrained(path, device, dtype, max_length)
+        model = self.embedder.model
         self.batch_size, self.noted = batch_size, set()
         weights = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         meta = {}
@@ -254,11 +252,10 @@ def run_name(path: str) -> str:
 
 def reconstruction_report(path: str, names: list[str], n: int, device: str, dtype: torch.dtype):
     """--reconstruct N: what a checkpoint's [EOS] vectors remember, on the bundled held-out split."""
-    from bireco import reconstruction_gap, reconstruction_samples
+    from bireco import reconstruction_samples, split_reconstruction_gap
 
-    tokenizer, eos_ids = load_tokenizer(path)
-    model = load_model(path, device, dtype).eval()
-    fmt = data.TextFormat(tokenizer, eos_ids, args.max_length)
+    embedder = Embedder.from_pretrained(path, device, dtype, args.max_length)
+    model, fmt = embedder.model, embedder.fmt
     for name in names:
         folder = data.BUNDLED_TASKS[name]
         pairs = data.split_pairs(os.path.join(ROOT, folder, args.split), data.INSTRUCTIONS[folder])
@@ -266,8 +263,7 @@ def reconstruction_report(path: str, names: list[str], n: int, device: str, dtyp
               "other's [EOS] vector, and from the next pair's")
         print(*reconstruction_samples(model, fmt, pairs[:n + 1])[:6 * n], sep="\n")
         for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
-            gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
-            true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
+            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task)
             print(f"  {label} target loss per token over {len(pairs)} pairs: true anchor {true:.3f}, "
                   f"shuffled {shuffled:.3f}, gap {shuffled - true:.3f}")
 

@@ -190,8 +190,7 @@ def rng_states():
     if WORLD == 1:
         return mine
     ranks = [None] * WORLD
-    dist.all_gather_object(ranks, tuple(x.cpu() if torch.is_tensor(x) else x for x in mine[:3]) + (
-        [r.cpu() for r in mine[3]] if mine[3] is not None else None,))
+    dist.all_gather_object(ranks, mine)  # the torch and CUDA states are CPU byte tensors already
     return {"ranks": ranks}
 
 

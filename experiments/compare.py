@@ -90,20 +90,18 @@ def diagnostic(model_dir, split, n=64):
     """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task."""
     import torch
 
-    from bireco import reconstruction_gap
-    from data import INSTRUCTIONS, TextFormat, split_pairs
-    from model import load_model, load_tokenizer
+    from bireco import Embedder, split_reconstruction_gap
+    from data import INSTRUCTIONS, split_pairs
 
-    model = load_model(model_dir).eval()
-    tok, eos_ids = load_tokenizer(model_dir)
-    fmt, out = TextFormat(tok, eos_ids), {}
+    embedder = Embedder.from_pretrained(model_dir)
+    model, fmt, out = embedder.model, embedder.fmt, {}
     for name in TASKS.values():
         pairs = split_pairs(os.path.join(ROOT, name, split), INSTRUCTIONS[name], n)
         out[name] = {}
         for task in ("d2q", "q2d"):
-            gaps = [reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
-            out[name][task] = {"true": statistics.mean(t for t, _ in gaps), "shuffled": statistics.mean(s for _, s in gaps)}
-    del model
+            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task)
+            out[name][task] = {"true": true, "shuffled": shuffled}
+    del model, embedder
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
 
