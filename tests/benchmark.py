@@ -3,7 +3,8 @@ Speed and memory of this implementation against the ordinary `transformers` way 
 work, on the same weights and the same batches, in one run. Not a test (pytest does not collect
 it); run it directly:
 
-  python tests/benchmark.py                    # CPU defaults: about 3 minutes on 2 cores
+  python tests/benchmark.py                    # CPU defaults: about 8 minutes on 2 cores
+  python tests/benchmark.py --configs recipe   # only the default recipe's steps
   python tests/benchmark.py --device cuda      # the default where a GPU is present: bf16
   python tests/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
   python tests/benchmark.py --configs smollm2 --batch-size 8 --doc-tokens 256 --max-length 320 \
@@ -41,6 +42,18 @@ What is compared, for each model config and dtype
    P = parameters outside the embedding and lm_head, L layers, H query heads, d head size, D
    hidden size, V vocabulary; 2 L H d n^2 is causal attention (QK^T and AV over half the n x n
    square). Padding is work done but not counted.
+
+The recipe (config `recipe`): the steps train.py's defaults run (STAGE_DEFAULTS), on a batch of
+each bundled dataset, in the dtype `--dtype auto` picks (bf16 autocast over fp32 weights on CPUs
+with bf16 matrix units, fp32 elsewhere), the reference doing the same step:
+- Stage I: full fine-tune, one task per batch (EBD2Q and EBQ2D weighted 0.8 : 0.2, as interleaving
+  visits them), ours against the reference computing that one task its way; pairs/s.
+- Stage II: LoRA (the same adapters on both sides), ours as train.py runs it (passes of texts of
+  similar length; the cached step where the batch's passes exceed --chunk), against the reference
+  embedding queries, positives and negatives each as one left-padded batch with autograd, the same
+  InfoNCE, one backward; pairs/s. The base is frozen, so its model FLOPs are 2 x forward (no weight
+  gradients); a cached step's second forward is work done but not counted.
+- Targets: >= 1.5x the reference's pairs/s; MFU >= 40% of the matmul peak of the compute dtype.
 
 Workloads
 - The defaults (workload()) fit the whole CPU run into a few minutes: WordNet pairs, whose
@@ -85,6 +98,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loa
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory profiler's start/stop log lines
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -106,15 +120,16 @@ from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
 from conftest import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
 
-CONFIGS = ("smollm2", "llama3")
+CONFIGS = ("recipe", "smollm2", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = dict(step="speed >= 1.25x", memory="<= 0.60x", encode_equal=">= 1.00x",
-               encode_sorted=">= 1.50x", agree="> 0.999", agree_bf16="ours >= ref - 0.001")
+               encode_sorted=">= 1.50x", agree="> 0.999", agree_bf16="ours >= ref - 0.001",
+               recipe=">= 1.50x", recipe_mfu=">= 40% of peak")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when present)")
-parser.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(CONFIGS)}; default: both")
+parser.add_argument("--configs", default=None, help=f"comma-separated, from {','.join(CONFIGS)}; default: all")
 parser.add_argument("--dtypes", default=None, help="comma-separated float32,bfloat16; default: "
                     "bfloat16 on CUDA; on CPU float32 for every config plus bfloat16 for llama3")
 parser.add_argument("--batch-size", type=int, default=None, help="pairs per Stage I batch (default: workload())")
@@ -394,7 +409,9 @@ class Report:
 
     def print(self, peaks):
         mfu = lambda v, dtype: f"{100 * v / peaks[dtype]:.1f}" if isinstance(v, Rate) else v
-        rows = [(c, d, m, mfu(a, d), mfu(b, d), *rest) for c, d, m, a, b, *rest in self.rows]
+        rows = [(c, d, m, mfu(a, d), mfu(b, d), ratio, target,
+                 ("ok" if a >= 0.4 * peaks[d] else "MISS") if target == TARGETS["recipe_mfu"] else verdict)
+                for c, d, m, a, b, ratio, target, verdict in self.rows]
         header = ("config", "dtype", "metric", "ours", "reference", "ratio", "target", "")
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         line = lambda r: "  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip()
@@ -512,8 +529,129 @@ def run(config, dtype, device, w, model_dir, all_pairs, peaks, report, seed):
         Rate(enc_flops * rate["ref"] / len(texts)), target="-")
 
 
+# -----------------------------------------------------------------------------
+# The recipe: the steps that train.py's defaults run, on the bundled data
+
+
+def ref_contrastive(ref, fmt, batch, temperature):
+    """Stage II the ordinary way: queries, positives and negatives each embedded as one left-padded
+    batch with autograd (no cached step), the same InfoNCE, one backward."""
+    q = ref_embed(ref, [fmt.embed_ids(p.query, p.instruction) for p in batch], fmt.pad_id)
+    d = ref_embed(ref, [fmt.embed_ids(p.positive) for p in batch], fmt.pad_id)
+    n = ref_embed(ref, [fmt.embed_ids(p.negative) for p in batch], fmt.pad_id) if batch[0].negative else None
+    loss = bireco.contrastive_loss(q, d, n, temperature)[0]
+    loss.backward()
+    return loss.item()
+
+
+def run_recipe(device, model_dir, peaks, report, seed, repeats):
+    """train.py's default Stage I and Stage II steps (STAGE_DEFAULTS: batch sizes, text lengths,
+    full fine-tune / LoRA, --dtype auto as autocast over fp32 weights) on a batch of each bundled
+    dataset, ours against the reference doing the same step. Times are per batch, averaged over
+    the datasets (the default mix visits them equally) and, for Stage I, over the tasks at their
+    0.8 : 0.2 interleaving."""
+    import types
+    import train
+
+    s1, s2 = train.STAGE_DEFAULTS["recon"], train.STAGE_DEFAULTS["contrastive"]
+    compute = bireco.auto_dtype(device)
+    dname = str(compute).removeprefix("torch.")
+    add = lambda *a, **k: report.add("recipe", dname, *a, **k)
+    ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == torch.bfloat16)
+    print(f"== recipe {dname} (autocast over fp32 weights): Stage I batch {s1['batch_size']}, Stage II batch "
+          f"{s2['batch_size']} (LoRA r{s2['lora_rank']}), max length {s1['max_length']}, {repeats} timed "
+          f"repetition(s), each bundled dataset", flush=True)
+    ours, ref = load_both(model_dir, device, torch.float32)
+    tok, eos_ids = load_tokenizer(model_dir)
+    data = load_pairs(*(os.path.join(ROOT, d, "train") for d in ("wordnet", "manpages")))
+    rng = random.Random(seed)
+
+    def steps_of(sides, model_of):
+        def wrap(name, fn):
+            def go():
+                with ctx():
+                    losses[name] = fn()
+                model_of[name].zero_grad(set_to_none=True)
+            return go
+        return {name: wrap(name, fn) for name, fn in sides.items()}
+
+    # Stage I: full fine-tune, one task per batch (ours as train.py runs it, the reference the same task)
+    fmt = TextFormat(tok, eos_ids, s1["max_length"])
+    ours.train(), ref.train()
+    t1, flops1, losses = {}, {}, {}
+    for name, pairs in data.items():
+        batch = rng.sample(pairs, s1["batch_size"])
+        sides = {"ours d2q": lambda: bireco.stage1_loss(ours, fmt, batch, "d2q")[0].backward(),
+                 "ours q2d": lambda: bireco.stage1_loss(ours, fmt, batch, "q2d")[0].backward(),
+                 "ref d2q": lambda: ref_stage1(ref, fmt, batch, dict(d2q=1.0)),
+                 "ref q2d": lambda: ref_stage1(ref, fmt, batch, dict(q2d=1.0))}
+        steps = steps_of(sides, {k: ours if k.startswith("ours") else ref for k in sides})
+        for go in steps.values():  # warm-up
+            go()
+        for k, v in interleaved(steps, repeats, device).items():
+            t1.setdefault(k, []).append(v)
+        for task, enc, tgt in (("d2q", [fmt.embed_ids(p.positive) for p in batch], [fmt.target_ids(p.query) for p in batch]),
+                               ("q2d", [fmt.embed_ids(p.query, p.instruction) for p in batch],
+                                [fmt.target_ids(p.positive) for p in batch])):
+            lens = [len(x) for x in enc] + [len(x) for x in tgt]
+            flops1.setdefault(task, []).append(model_flops(ours, lens, sum(len(x) for x in tgt)))
+    mean = lambda xs: sum(xs) / len(xs)
+    recipe_time = lambda side: 0.8 * mean(t1[f"{side} d2q"]) + 0.2 * mean(t1[f"{side} q2d"])
+    f1 = 0.8 * mean(flops1["d2q"]) + 0.2 * mean(flops1["q2d"])
+    a, b = recipe_time("ours"), recipe_time("ref")
+    bs = s1["batch_size"]
+    add("recipe Stage I step (pairs/s)", f"{bs / a:.1f}", f"{bs / b:.1f}", f"{b / a:.2f}x", TARGETS["recipe"], b / a >= 1.5)
+    add("MFU, recipe Stage I step (%)", Rate(f1 / a), Rate(f1 / b), target=TARGETS["recipe_mfu"])
+
+    # Stage II: LoRA on both sides (same adapters), the cached step as train.py runs it
+    fmt = TextFormat(tok, eos_ids, s2["max_length"])
+    torch.manual_seed(seed)
+    train.add_lora(ours, s2["lora_rank"], 32.0, 0.05)
+    train.add_lora(ref, s2["lora_rank"], 32.0, 0.05)
+    for m in ref.modules():  # the reference's LoRA as peft's: autocast casts the frozen weight at every call
+        if isinstance(m, train.LoRALinear):
+            m.frozen = m.base
+    with torch.no_grad():
+        for k, p in ours.named_parameters():
+            if ".lora_" in k:
+                ref.get_parameter(k).copy_(p)
+    ours.train(), ref.train()
+    args = types.SimpleNamespace(chunk=train.parser.get_default("chunk"),
+                                 temperature=train.parser.get_default("temperature"))
+    one_pass = types.SimpleNamespace(chunk=10 ** 9, temperature=args.temperature)
+    t2, flops2, passes = {}, [], []
+    for name, pairs in data.items():
+        batch = rng.sample(pairs, s2["batch_size"])
+        sides = {"ours": lambda: train.contrastive_step(ours, fmt, batch, args, contextlib.nullcontext())[0],
+                 "ours one pass": lambda: train.contrastive_step(ours, fmt, batch, one_pass, contextlib.nullcontext())[0],
+                 "ref": lambda: ref_contrastive(ref, fmt, batch, args.temperature)}
+        steps = steps_of(sides, {k: ours if k.startswith("ours") else ref for k in sides})
+        for go in steps.values():
+            go()
+        for k, v in interleaved(steps, repeats, device).items():
+            t2.setdefault(k, []).append(v)
+        seqs = [fmt.embed_ids(p.query, p.instruction) for p in batch] + [fmt.embed_ids(p.positive) for p in batch] + [
+            fmt.embed_ids(p.negative) for p in batch if p.negative]
+        passes.append(f"{name} {len(train.token_chunks([len(x) for x in seqs], args.chunk))}")
+        flops2.append(model_flops(ours, [len(x) for x in seqs], training=False) * 2)  # frozen base: forward + input grads
+    a, b, c = (mean(t2[k]) for k in ("ours", "ref", "ours one pass"))
+    f2, bs = mean(flops2), s2["batch_size"]
+    add("recipe Stage II step (pairs/s)", f"{bs / a:.2f}", f"{bs / b:.2f}", f"{b / a:.2f}x", TARGETS["recipe"], b / a >= 1.5)
+    add("recipe Stage II, ours in one pass (pairs/s)", f"{bs / c:.2f}", f"{bs / b:.2f}", f"{b / c:.2f}x", "(all padded alike)")
+    add("MFU, recipe Stage II step (%)", Rate(f2 / a), Rate(f2 / b), target=TARGETS["recipe_mfu"])
+    report.notes.append(
+        f"recipe {dname}: per-dataset step times (s), WordNet / man pages: " + "; ".join(
+            f"{k} " + " / ".join(f"{v:.2f}" for v in vs) for k, vs in {**t1, **t2}.items())
+        + f". Stage II passes at --chunk {args.chunk}: {', '.join(passes)} (2+ = the cached step). "
+        f"Stage II model FLOPs: 2 x forward (the base is frozen: no weight gradients); the second pass "
+        f"of a cached step is work done but not counted")
+
+
 def peak_size(device, dtype):
-    return 8192 if device.type == "cuda" else 1024 if dtype == "bfloat16" else 2048
+    if device.type == "cuda":
+        return 8192
+    fast_bf16 = bireco.auto_dtype(device) == torch.bfloat16  # bf16 matrix units: as large as fp32
+    return 1024 if dtype == "bfloat16" and not fast_bf16 else 2048
 
 
 def main():
@@ -533,6 +671,8 @@ def main():
         runs = [(c, "bfloat16") for c in configs]
     else:  # bf16 is slow on this kind of CPU: only the small config, on a tiny workload
         runs = [(c, "float32") for c in configs] + [(c, "bfloat16") for c in configs if c == "llama3"]
+    recipe = "recipe" in configs  # runs in the dtype train.py picks (--dtype auto), whatever --dtypes says
+    runs = [(c, d) for c, d in runs if c != "recipe"]
 
     import transformers
     from smollm2 import default_model_dir
@@ -542,7 +682,7 @@ def main():
     report = Report()
     print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}) "
           f"| torch {torch.__version__} | transformers {transformers.__version__}", flush=True)
-    dtypes = sorted({d for _, d in runs})
+    dtypes = sorted({d for _, d in runs} | ({str(bireco.auto_dtype(device)).removeprefix("torch.")} if recipe else set()))
     peaks = {d: [matmul_peak(device, DTYPES[d], peak_size(device, d))] for d in dtypes}
     if device.type == "cpu" and "bfloat16" in dtypes:
         a = torch.randn(512, 512, dtype=torch.bfloat16)
@@ -551,6 +691,8 @@ def main():
                             f"{rate / 1e9:.2f} GFLOP/s (512^3), against x @ W.T in the peak below")
     smol = default_model_dir()
     all_pairs = load_pairs(os.path.join(ROOT, "wordnet", "train"))["wordnet"]
+    if recipe:
+        run_recipe(device, smol, peaks, report, args.seed, args.repeats or 2)
     with tempfile.TemporaryDirectory(prefix="bireco-benchmark-") as tmp:
         for config, d in runs:
             folder = smol if config == "smollm2" else os.path.join(tmp, config)
