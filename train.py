@@ -11,7 +11,9 @@ both losses on every batch with --mode sum, as the official code does). Stage II
 whole contrastive batch in chunks without autograd (texts of similar length together, at most
 --chunk padded tokens a pass), takes the loss and its gradient with respect to the embeddings,
 then re-runs each chunk with autograd and back-propagates that gradient (a cached step), so one
-device holds the paper's large batch of in-batch negatives. A batch within --chunk is one plain pass.
+device holds the paper's large batch of in-batch negatives. A batch whose passes hold --chunk
+padded tokens or fewer in all is one plain step (its passes with autograd, one backward): no
+second forward.
 
 Every checkpoint is a plain model folder (HF-named safetensors, config.json, tokenizer files,
 meta.json) that model.load_model, eval.py and transformers read; LoRA is merged on save.
@@ -108,7 +110,8 @@ parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = 
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
 parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
 parser.add_argument("--chunk", type=int, default=4096,
-                    help="Stage II: padded tokens per forward pass (the cached step); lower it to need less memory")
+                    help="Stage II: padded tokens held with autograd at once (a larger batch takes the cached "
+                    "step, this many a pass); lower it to need less memory")
 parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                     help="compute dtype (autocast); weights and optimizer state stay fp32. auto: bfloat16 on "
                     "CUDA and on CPUs with AMX / AVX512-BF16, else float32 (emulated bf16 is far slower)")
@@ -365,15 +368,26 @@ def recon_step(model, fmt, batch, micro, args, ctx):
 
 
 def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Splits texts of these token lengths into passes: shortest first, each pass's padded size
-    (texts x its longest) within `budget` tokens, so memory is bounded and little is padding."""
-    chunks, cur = [], []
-    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if cur and (len(cur) + 1) * lengths[i] > budget:
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    return chunks + [cur]
+    """Splits texts of these token lengths into passes of at most `budget` padded tokens each (texts
+    x its longest; a longer text goes alone) with the least padding: the texts sorted by length,
+    cut where the cuts minimise the padded tokens plus budget / 16 for each pass (one more pass
+    pays where it saves that much padding). Dynamic programming over the cut points."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n, per_pass = len(order), budget // 16
+    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: the first j sorted texts, cut[j]: their last pass's start
+    for j in range(1, n + 1):
+        width = lengths[order[j - 1]]  # the longest of a pass ending at j
+        i = j - 1
+        while i >= 0 and ((j - i) * width <= budget or i == j - 1):
+            c = cost[i] + (j - i) * width + per_pass
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+            i -= 1
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
 
 
 def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
@@ -386,6 +400,7 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
     chunks = token_chunks([len(s) for s in seqs], args.chunk)
     embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
     sections = len(items) // B  # queries, positives (, negatives)
+    order = torch.tensor([i for c in chunks for i in c]).argsort()  # from the chunks' order back to the batch's
 
     def loss_of(reps):
         if WORLD > 1:  # the global batch: every rank's embeddings, in rank order; only ours carry a gradient
@@ -396,9 +411,10 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
         q, p, *n = reps.chunk(sections)
         return contrastive_loss(q, p, n[0] if n else None, args.temperature)
 
-    if len(chunks) == 1 and WORLD == 1:  # the whole batch fits in one pass: the plain step
+    padded = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
+    if padded <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
         with ctx:
-            loss, negatives = loss_of(embed_chunk(list(range(len(items)))))
+            loss, negatives = loss_of(torch.cat([embed_chunk(c) for c in chunks])[order])
         (loss * scale).backward()
         return loss.item(), negatives
     rng, reps = [], []
@@ -408,8 +424,7 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
             with ctx:
                 reps.append(embed_chunk(c))
     reps = torch.cat(reps).requires_grad_()  # (3B, D), in the chunks' order
-    order = torch.tensor([i for c in chunks for i in c])
-    loss, negatives = loss_of(reps[order.argsort()])  # the loss sees the batch in its own order
+    loss, negatives = loss_of(reps[order])  # the loss sees the batch in its own order
     (loss * scale).backward()  # d loss / d embeddings
     for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split([len(c) for c in chunks])):
         torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1

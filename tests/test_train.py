@@ -5,7 +5,9 @@ LoRA (identity at init, merge on save), the non-finite loss stop and the Ctrl-C 
 import argparse
 import contextlib
 import json
+import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -277,11 +279,41 @@ def reference_step(model, fmt, batch, chunk, temperature=0.02):
 
 
 def test_token_chunks_by_hand():
-    """Lengths 5 30 10 12 8 under a budget of 40 padded tokens: sorted 5 8 10 12 30; [5, 8, 10] pads
-    to 3 x 10 = 30, adding 12 would make 4 x 12 = 48; [12, 30] would be 60, so 30 goes alone (a text
-    over the budget still gets its own pass). As indices: [[0, 4, 2], [3], [1]]."""
-    assert train.token_chunks([5, 30, 10, 12, 8], 40) == [[0, 4, 2], [3], [1]]
+    """Lengths 5 30 10 12 8 (sorted 5 8 10 12 30). Budget 160, a pass costing 160 // 16 = 10 tokens:
+    [5 8 10 12] [30] pads to 4 x 12 + 30 = 78, +20 for two passes = 98; one pass 5 x 30 + 10 = 160;
+    [5 8 10] [12] [30] 30 + 12 + 30 + 30 = 102. Budget 40 (a pass costs 2): each text alone, and
+    nothing over the budget but a text longer than it. A huge budget: one pass. As indices."""
+    assert train.token_chunks([5, 30, 10, 12, 8], 160) == [[0, 4, 2, 3], [1]]
+    assert train.token_chunks([5, 30, 10, 12, 8], 40) == [[0], [4], [2], [3], [1]]
     assert train.token_chunks([5, 30, 10, 12, 8], 10 ** 6) == [[0, 4, 2, 3, 1]]
+    assert train.token_chunks([50], 40) == [[0]]
+    assert train.token_chunks([], 40) == []
+
+
+def test_token_chunks_least_padding():
+    """Against every way of cutting the sorted texts (brute force over the cut points): no cheaper
+    split exists within the budget."""
+    import itertools
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 20) for _ in range(rng.randint(1, 8))]
+        budget = rng.randint(16, 64)
+        cost = lambda passes: sum(len(c) * max(lengths[i] for i in c) + budget // 16 for c in passes)
+        got = train.token_chunks(lengths, budget)
+        assert sorted(i for c in got for i in c) == list(range(len(lengths)))
+        assert all(len(c) * max(lengths[i] for i in c) <= budget or len(c) == 1 for c in got)
+        order, best = sorted(range(len(lengths)), key=lengths.__getitem__), math.inf
+        for cuts in itertools.product([0, 1], repeat=len(lengths) - 1):
+            passes, cur = [], [order[0]]
+            for cut, i in zip(cuts, order[1:]):
+                if cut:
+                    passes.append(cur)
+                    cur = []
+                cur.append(i)
+            passes.append(cur)
+            if all(len(c) * max(lengths[i] for i in c) <= budget or len(c) == 1 for c in passes):
+                best = min(best, cost(passes))
+        assert cost(got) == best, (lengths, budget, got)
 
 
 def grads(model):
@@ -318,12 +350,18 @@ def cached(model, fmt, batch, chunk, scale=1.0):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-@pytest.mark.parametrize("chunk", [100, 300, 10 ** 6])  # padded tokens per pass: several passes, two, one
+# the 12 texts pad to 630-700 tokens in several passes, 1,020 in one: the cached step with 10 and 5
+# passes, the plain step with 3 passes, and with one
+@pytest.mark.parametrize("chunk", [100, 300, 800, 10 ** 6])
 def test_cached_step_equals_plain(lora, chunk, tiny_model_dir, fmt, batch):
     """Without dropout, the cached step's loss and every parameter's gradient equal the plain
     step's (one forward over all 12 texts, one backward), whatever the chunking."""
-    lengths = [len(fmt.embed_ids(t)) for p in batch for t in (p.query, p.positive, p.negative)]
-    assert (len(train.token_chunks(lengths, chunk)) > 1) == (chunk < 10 ** 6)  # chunked, or the plain step
+    lengths = [len(fmt.embed_ids(t, i)) for p in batch for i, t in ((p.instruction, p.query), (None, p.positive),
+                                                                    (None, p.negative))]
+    chunks = train.token_chunks(lengths, chunk)
+    padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+    assert (len(chunks) > 1, padded > chunk) == {100: (True, True), 300: (True, True), 800: (True, False),
+                                                 10 ** 6: (False, False)}[chunk]
     model = lora_model(tiny_model_dir, dropout=0.0) if lora else load_model(tiny_model_dir, dtype=torch.float64).train()
     want_loss = reference_step(model, fmt, batch, chunk=10 ** 6)
     want = grads(model)
@@ -338,12 +376,13 @@ def test_cached_step_equals_plain(lora, chunk, tiny_model_dir, fmt, batch):
     assert_same_grads(grads(model), {k: None if g is None else g * 0.25 for k, g in want.items()})
 
 
-@pytest.mark.parametrize("chunk", [100, 300])
+@pytest.mark.parametrize("chunk", [100, 300, 800])
 def test_cached_step_replays_dropout_masks(chunk, tiny_model_dir, fmt, batch):
     """With LoRA dropout on, chunking changes the masks drawn (their shapes follow the chunk), so
-    a chunked step is not the plain step. What is guaranteed: pass 2 replays the masks of pass 1, so the
-    cached step equals the same chunked forward kept in one autograd graph, from the same RNG
-    state, and leaves the RNG where that forward leaves it."""
+    a chunked step is not the one-pass step. What is guaranteed: pass 2 replays the masks of pass 1, so
+    the cached step equals the same chunked forward kept in one autograd graph, from the same RNG
+    state, and leaves the RNG where that forward leaves it (800: the plain step in 3 passes is that
+    forward)."""
     model = lora_model(tiny_model_dir, dropout=0.3)
     torch.manual_seed(1)
     want_loss = reference_step(model, fmt, batch, chunk)
