@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 
+import model
 from model import ModelConfig, Transformer, attention_mask, load_model, save_model
 
 torch.manual_seed(0)
@@ -142,6 +143,30 @@ def test_mask_only_where_causal_attention_needs_one():
     assert attention_mask(torch.ones_like(right), causal=True) is None
     assert attention_mask(left, causal=True).shape == (3, 1, 7, 7)
     assert attention_mask(right, causal=False).shape == (3, 1, 7, 7)
+
+
+@pytest.mark.parametrize("keys", [40, model.CPU_FP32_ATTENTION_UP_TO + 1])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cpu_bf16_attention_runs_in_fp32_where_faster(keys, autocast):
+    """bf16 attention on a CPU over at most CPU_FP32_ATTENTION_UP_TO keys equals fp32 SDPA of the
+    same bf16 values (then rounded to bf16), with autocast on or off; over more keys, bf16 SDPA's."""
+    if keys > model.CPU_FP32_ATTENTION_UP_TO and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("bf16 SDPA itself: torch's AMX kernels fail without its AVX-512 ones (ATEN_CPU_CAPABILITY)")
+    q, k, v = (torch.randn(2, 4, keys, 16).bfloat16() for _ in range(3))
+    left_padded = torch.ones(2, keys, dtype=torch.bool)
+    left_padded[0, :3] = False
+    mask = attention_mask(left_padded, causal=True)
+    assert mask is not None
+    for m in (None, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = model.attention(q, k, v, m)
+        if keys <= model.CPU_FP32_ATTENTION_UP_TO:
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q.float(), k.float(), v.float(), attn_mask=m, is_causal=m is None).bfloat16()
+        else:
+            want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=m is None)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [True, False])
