@@ -44,7 +44,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
 from bireco import (at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
@@ -138,24 +137,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
-        self.cast = None  # ((dtype, weight version), the base weight in that dtype): see frozen()
 
     def forward(self, x):
-        return self.frozen(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
-
-    def frozen(self, x):
-        """The base layer. Under CPU autocast its weight is cast once and kept: autocast caches the
-        casts of trainable weights only and re-casts a frozen one at every call, which is memory
-        traffic the size of the model per pass (7% of a Stage II step here). The same values as
-        autocast's own cast; costs 2 bytes a weight."""
-        t = x.device.type
-        if t != "cpu" or not torch.is_autocast_enabled(t):
-            return self.base(x)
-        w, dtype = self.base.weight, torch.get_autocast_dtype(t)
-        if self.cast is None or self.cast[0] != (dtype, w._version):  # cast again if the weight was changed
-            self.cast = (dtype, w._version), w.detach().to(dtype)
-        bias = None if self.base.bias is None else self.base.bias.to(dtype)
-        return F.linear(x.to(dtype), self.cast[1], bias)
+        return self.base(x) + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale
 
     def merged_weight(self):
         return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
