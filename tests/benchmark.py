@@ -608,9 +608,6 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     torch.manual_seed(seed)
     train.add_lora(ours, s2["lora_rank"], 32.0, 0.05)
     train.add_lora(ref, s2["lora_rank"], 32.0, 0.05)
-    for m in ref.modules():  # the reference's LoRA as peft's: autocast casts the frozen weight at every call
-        if isinstance(m, train.LoRALinear):
-            m.frozen = m.base
     with torch.no_grad():
         for k, p in ours.named_parameters():
             if ".lora_" in k:
