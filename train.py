@@ -392,6 +392,11 @@ def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     return chunks[::-1]
 
 
+def padded_size(lengths: list[int], chunks: list[list[int]]) -> int:
+    """Tokens the passes `chunks` (token_chunks) run, padding included: each pass x its longest."""
+    return sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+
+
 def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
     """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives).
     Under torchrun a rank embeds its slice and the loss is taken over every rank's embeddings."""
@@ -413,8 +418,7 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
         q, p, *n = reps.chunk(sections)
         return contrastive_loss(q, p, n[0] if n else None, args.temperature)
 
-    padded = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
-    if padded <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
+    if padded_size([len(s) for s in seqs], chunks) <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
         with ctx:
             loss, negatives = loss_of(torch.cat([embed_chunk(c) for c in chunks])[order])
         (loss * scale).backward()

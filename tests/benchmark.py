@@ -574,6 +574,12 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     data = load_pairs(*(os.path.join(ROOT, d, "train") for d in ("wordnet", "manpages")))
     rng = random.Random(seed)
 
+    def add_mfu(stage, flops, ours_s, ref_s):  # against the compute dtype's peak, and the fp32 one for bf16
+        add(f"MFU, recipe Stage {stage} step (%)", Rate(flops / ours_s), Rate(flops / ref_s), target=TARGETS["recipe_mfu"])
+        if dname != "float32":
+            add(f"MFU vs the fp32 peak, recipe Stage {stage} step (%)", Rate(flops / ours_s, "float32"),
+                Rate(flops / ref_s, "float32"), target=TARGETS["recipe_mfu"])
+
     def steps_of(sides, model_of):
         def wrap(name, fn):
             def go():
@@ -609,16 +615,14 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     a, b = recipe_time("ours"), recipe_time("ref")
     bs = s1["batch_size"]
     add("recipe Stage I step (pairs/s)", f"{bs / a:.1f}", f"{bs / b:.1f}", f"{b / a:.2f}x", TARGETS["recipe"], b / a >= 1.5)
-    add("MFU, recipe Stage I step (%)", Rate(f1 / a), Rate(f1 / b), target=TARGETS["recipe_mfu"])
-    if dname != "float32":  # the same rate against the fp32 peak: what the step would need in fp32
-        add("MFU vs the fp32 peak, recipe Stage I step (%)", Rate(f1 / a, "float32"), Rate(f1 / b, "float32"),
-            target=TARGETS["recipe_mfu"])
+    add_mfu("I", f1, a, b)
 
     # Stage II: LoRA on both sides (same adapters), the cached step as train.py runs it
     fmt = TextFormat(tok, eos_ids, s2["max_length"])
     torch.manual_seed(seed)
-    train.add_lora(ours, s2["lora_rank"], 32.0, 0.05)
-    train.add_lora(ref, s2["lora_rank"], 32.0, 0.05)
+    lora = (s2["lora_rank"], train.parser.get_default("lora_alpha"), train.parser.get_default("lora_dropout"))
+    train.add_lora(ours, *lora)
+    train.add_lora(ref, *lora)
     with torch.no_grad():
         for k, p in ours.named_parameters():
             if ".lora_" in k:
@@ -641,7 +645,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
         seqs = [fmt.embed_ids(p.query, p.instruction) for p in batch] + [fmt.embed_ids(p.positive) for p in batch] + [
             fmt.embed_ids(p.negative) for p in batch if p.negative]
         chunks = train.token_chunks([len(x) for x in seqs], args.chunk)
-        padded = sum(len(c) * max(len(seqs[i]) for i in c) for c in chunks)
+        padded = train.padded_size([len(x) for x in seqs], chunks)
         passes.append(f"{name} {len(chunks)} ({padded} padded tokens of {sum(map(len, seqs))} real, "
                       f"{'plain' if padded <= args.chunk else 'cached'})")
         flops2.append(model_flops(ours, [len(x) for x in seqs], training=False) * 2)  # frozen base: forward + input grads
@@ -649,10 +653,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     f2, bs = mean(flops2), s2["batch_size"]
     add("recipe Stage II step (pairs/s)", f"{bs / a:.2f}", f"{bs / b:.2f}", f"{b / a:.2f}x", TARGETS["recipe"], b / a >= 1.5)
     add("recipe Stage II, ours in one pass (pairs/s)", f"{bs / c:.2f}", f"{bs / b:.2f}", f"{b / c:.2f}x", "(all padded alike)")
-    add("MFU, recipe Stage II step (%)", Rate(f2 / a), Rate(f2 / b), target=TARGETS["recipe_mfu"])
-    if dname != "float32":  # the same rate against the fp32 peak: what the step would need in fp32
-        add("MFU vs the fp32 peak, recipe Stage II step (%)", Rate(f2 / a, "float32"), Rate(f2 / b, "float32"),
-            target=TARGETS["recipe_mfu"])
+    add_mfu("II", f2, a, b)
     report.notes.append(
         f"recipe {dname}: per-dataset step times (s), WordNet / man pages: " + "; ".join(
             f"{k} " + " / ".join(f"{v:.2f}" for v in vs) for k, vs in {**t1, **t2}.items())
