@@ -1,0 +1,133 @@
+"""
+Can a Stage I of this size teach the decoder to read the anchor? One Stage I run (train.py's
+recipe, or flags after --), then the reconstruction diagnostic on held-out validation pairs:
+target loss per token given the true anchor against another pair's. A gap is what a healthy
+Stage I leaves; the recipe of today leaves none (experiments/README.md).
+
+  python experiments/stage1_probe.py --variant paper                 # the paper's decoder input
+  python experiments/stage1_probe.py --variant paper -- --lr 1e-4    # the same, a higher rate
+  python experiments/stage1_probe.py --variant rescale               # anchor scaled to the token embeddings' norm
+  python experiments/stage1_probe.py --variant sink                  # a begin-of-text token before the anchor
+  python experiments/stage1_probe.py --report
+
+Variants change only what the decoder pass is given in front of the target tokens (bireco._decode,
+patched here for the probe's own training and diagnostic; the library is untouched):
+  paper    [anchor, y_1 .. y_n-1], the anchor a final-norm state (mean norm 46 in SmolLM2
+           against 3.0 for its token embeddings), at position 0, where a pretrained LM parks
+           attention that has nowhere better to go
+  rescale  the anchor times (mean token-embedding norm / its own norm), still at position 0
+  sink     [W_emb[<|endoftext|>], anchor, y_1 ..]: a real token takes position 0
+Each finished run is recorded at once in --results; a re-run skips it.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bireco  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--variant", choices=["paper", "rescale", "sink"], default="paper")
+parser.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2)")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--pairs", type=int, default=64, help="validation pairs per dataset for the diagnostic")
+parser.add_argument("--out", default=os.path.join(ROOT, "out", "probe"), help="the Stage I runs")
+parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "stage1-probe.json"))
+parser.add_argument("--report", action="store_true", help="only print the table")
+parser.add_argument("train_flags", nargs="*", help="train.py flags for Stage I, after --")
+
+
+def prefix(model, anchor, variant):
+    """What goes in front of the target tokens: (B, P, D); the anchor is the last of the P."""
+    emb = model.model.embed_tokens.weight
+    if variant == "rescale":
+        wide = torch.promote_types(anchor.dtype, torch.float32)  # norms in fp32 or wider
+        scale = emb.detach().to(wide).norm(dim=-1).mean()
+        anchor = anchor * (scale / anchor.to(wide).norm(dim=-1, keepdim=True)).to(anchor.dtype)
+    x = anchor[:, None, :]
+    if variant == "sink":
+        sink = emb[0].to(x.dtype).expand(len(x), 1, -1)  # <|endoftext|>, id 0 in SmolLM2's vocabulary
+        x = torch.cat([sink, x], dim=1)
+    return x
+
+
+def decoder(variant):
+    """bireco._decode with `variant`'s prefix; the target positions are those of the original."""
+    def decode(model, anchor, targets, mask):
+        device = model.lm_head.weight.device
+        targets, mask = targets.to(device), mask.to(device)
+        tok = model.model.embed_tokens(targets[:, :-1])
+        pre = prefix(model, anchor, variant).to(tok.dtype)
+        P = pre.shape[1]
+        padding = torch.cat([torch.ones(len(mask), P - 1, dtype=torch.bool, device=device), mask], dim=1)
+        h = model(inputs_embeds=torch.cat([pre, tok], dim=1), padding_mask=padding)[:, P - 1:]
+        return h[mask], targets[mask]
+    return decode
+
+
+def diagnostic(model_dir, n):
+    from compare import TASKS
+    from data import INSTRUCTIONS, split_pairs
+
+    embedder = bireco.Embedder.from_pretrained(model_dir)
+    out = {}
+    for name in TASKS.values():
+        pairs = split_pairs(os.path.join(ROOT, name, "validation"), INSTRUCTIONS[name], n)
+        out[name] = {}
+        for task in ("d2q", "q2d"):
+            true, shuffled = bireco.split_reconstruction_gap(embedder.model, embedder.fmt, pairs, task)
+            out[name][task] = {"true": round(true, 4), "shuffled": round(shuffled, 4)}
+    return out
+
+
+def report(results):
+    print(f"{'run':<40} {'seconds':>7}  {'dataset':<9} EBD2Q true / shuffled / gap   EBQ2D true / shuffled / gap")
+    for name, r in results.items():
+        for i, (ds, d) in enumerate(r["diagnostic"].items()):
+            a, b = d["d2q"], d["q2d"]
+            print(f"{name if i == 0 else '':<40} {r['seconds'] if i == 0 else '':>7}  {ds:<9} "
+                  f"{a['true']:.3f} / {a['shuffled']:.3f} / {a['shuffled'] - a['true']:+.3f}     "
+                  f"{b['true']:.3f} / {b['shuffled']:.3f} / {b['shuffled'] - b['true']:+.3f}")
+
+
+def main():
+    args = parser.parse_args()
+    results = json.load(open(args.results)) if os.path.isfile(args.results) else {}
+    if args.report:
+        return report(results)
+    name = f"{args.variant} {shlex.join(args.train_flags)} s{args.seed}".replace("  ", " ")
+    if name in results:
+        print(f"recorded already: {name}")
+        return report(results)
+    bireco._decode = decoder(args.variant)  # Stage I's loss and the diagnostic both go through it
+    import train
+    from smollm2 import default_model_dir
+
+    model = args.model or default_model_dir()
+    if f"base {args.variant}" not in results:  # the untrained model, the same decoder input
+        results[f"base {args.variant}"] = dict(flags="", seconds=0, diagnostic=diagnostic(model, args.pairs))
+    run = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", name.replace("--", "")))
+    t0 = time.time()
+    train.main(["--stage", "recon", "--model", model, "--seed", str(args.seed), "--out", run, "--overwrite", "--sample-every", "0",
+                *args.train_flags])
+    results[name] = dict(flags=shlex.join(args.train_flags), seconds=round(time.time() - t0),
+                         diagnostic=diagnostic(os.path.join(run, "latest"), args.pairs))
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(args.results + ".tmp", args.results)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
