@@ -34,6 +34,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bireco  # noqa: E402
+from train import STAGE_DEFAULTS  # noqa: E402
+
+STAGE2_STEPS = STAGE_DEFAULTS["contrastive"]["steps"]  # where compare.py's arms are scored last
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -43,6 +46,8 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--pairs", type=int, default=64, help="validation pairs per dataset for the diagnostic")
 parser.add_argument("--out", default=os.path.join(ROOT, "out", "probe"), help="the Stage I runs")
 parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "stage1-probe.json"))
+parser.add_argument("--stage2", choices=["validation", "test"], default=None,
+                    help="then train.py's Stage II from the Stage I checkpoint (same seed) and nDCG@10 on this split")
 parser.add_argument("--report", action="store_true", help="only print the table")
 parser.add_argument("train_flags", nargs="*", help="train.py flags for Stage I, after --")
 
@@ -91,6 +96,8 @@ def diagnostic(model_dir, n):
 
 
 def report(results):
+    compared = os.path.join(ROOT, "experiments", "results", "compare.json")
+    arms = json.load(open(compared)) if os.path.isfile(compared) else {}
     print(f"{'run':<40} {'seconds':>7}  {'dataset':<9} EBD2Q true / shuffled / gap   EBQ2D true / shuffled / gap")
     for name, r in results.items():
         for i, (ds, d) in enumerate(r["diagnostic"].items()):
@@ -98,6 +105,16 @@ def report(results):
             print(f"{name if i == 0 else '':<40} {r['seconds'] if i == 0 else '':>7}  {ds:<9} "
                   f"{a['true']:.3f} / {a['shuffled']:.3f} / {a['shuffled'] - a['true']:+.3f}     "
                   f"{b['true']:.3f} / {b['shuffled']:.3f} / {b['shuffled'] - b['true']:+.3f}")
+        if "stage2" in r:  # beside compare.py's arms of the same seed, where they were scored on that split
+            s2, seed = r["stage2"], name.rsplit(" s", 1)[1]
+            loss = [v for step, v in s2["losses"] if 12 <= step <= 14]
+            line = f"  then Stage II: {s2['split']} nDCG@10 " + " / ".join(f"{v:.3f}" for v in s2["scores"].values())
+            line += f", loss around step 13 {sum(loss) / max(1, len(loss)):.2f}"
+            for arm in ("baseline", "ours"):
+                at = arms.get(f"{arm}/s{seed}/contrastive@{STAGE2_STEPS}-{s2['split']}")
+                if at:
+                    line += f"; {arm} s{seed} " + " / ".join(f"{at[t]['ndcg_at_10']:.3f}" for t in s2["scores"])
+            print(line)
 
 
 def main():
@@ -105,27 +122,38 @@ def main():
     results = json.load(open(args.results)) if os.path.isfile(args.results) else {}
     if args.report:
         return report(results)
-    name = f"{args.variant} {shlex.join(args.train_flags)} s{args.seed}".replace("  ", " ")
-    if name in results:
-        print(f"recorded already: {name}")
-        return report(results)
     bireco._decode = decoder(args.variant)  # Stage I's loss and the diagnostic both go through it
+    import compare
     import train
     from smollm2 import default_model_dir
+
+    def save():
+        os.makedirs(os.path.dirname(args.results), exist_ok=True)
+        with open(args.results + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(args.results + ".tmp", args.results)
 
     model = args.model or default_model_dir()
     if f"base {args.variant}" not in results:  # the untrained model, the same decoder input
         results[f"base {args.variant}"] = dict(flags="", seconds=0, diagnostic=diagnostic(model, args.pairs))
+        save()
+    name = f"{args.variant} {shlex.join(args.train_flags)} s{args.seed}".replace("  ", " ")
     run = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", name.replace("--", "")))
-    t0 = time.time()
-    train.main(["--stage", "recon", "--model", model, "--seed", str(args.seed), "--out", run, "--overwrite", "--sample-every", "0",
-                *args.train_flags])
-    results[name] = dict(flags=shlex.join(args.train_flags), seconds=round(time.time() - t0),
-                         diagnostic=diagnostic(os.path.join(run, "latest"), args.pairs))
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    with open(args.results + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(args.results + ".tmp", args.results)
+    if name not in results:
+        t0 = time.time()
+        train.main(["--stage", "recon", "--model", model, "--seed", str(args.seed), "--out", run, "--overwrite",
+                    "--sample-every", "0", *args.train_flags])
+        results[name] = dict(flags=shlex.join(args.train_flags), seconds=round(time.time() - t0),
+                             diagnostic=diagnostic(os.path.join(run, "latest"), args.pairs))
+        save()
+    if args.stage2 and "stage2" not in results[name]:  # train.py's Stage II from this checkpoint, as compare.py's arms
+        d = run + "-contrastive"
+        compare.run(["train.py", "--stage", "contrastive", "--model", os.path.join(run, "latest"), "--seed",
+                     str(args.seed), "--out", d, "--overwrite", "--log-every", "1"], os.path.join(d, "train.log"))
+        scores = compare.evaluate(os.path.join(d, "latest"), d, args.stage2)
+        results[name]["stage2"] = {"split": args.stage2, "losses": compare.losses(os.path.join(d, "train.log")),
+                                   "scores": {t: v["ndcg_at_10"] for t, v in scores.items()}}
+        save()
     report(results)
 
 
