@@ -404,7 +404,8 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
     items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
              + [(None, p.negative) for p in batch if p.negative is not None])
     B, seqs = len(batch), [fmt.embed_ids(text, instruction) for instruction, text in items]
-    chunks = token_chunks([len(s) for s in seqs], args.chunk)
+    lengths = [len(s) for s in seqs]
+    chunks = token_chunks(lengths, args.chunk)
     embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
     sections = len(items) // B  # queries, positives (, negatives)
     order = torch.tensor([i for c in chunks for i in c]).argsort()  # from the chunks' order back to the batch's
@@ -418,7 +419,7 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
         q, p, *n = reps.chunk(sections)
         return contrastive_loss(q, p, n[0] if n else None, args.temperature)
 
-    if padded_size([len(s) for s in seqs], chunks) <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
+    if padded_size(lengths, chunks) <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
         with ctx:
             loss, negatives = loss_of(torch.cat([embed_chunk(c) for c in chunks])[order])
         (loss * scale).backward()

@@ -207,6 +207,14 @@ def bm25(task, split):
     return ev.bm25_ndcg10(os.path.join(ROOT, TASKS[task], split))
 
 
+def loss_summary(v):
+    """A Stage II loss curve [(step, loss)] in three numbers: first, around a third of the way
+    (the mean of three steps there), the mean of the last five."""
+    n = len(v)
+    third = statistics.mean(x for s, x in v[max(0, n // 3 - 2):n // 3 + 1]) if n >= 3 else v[-1][1]
+    return f"first {v[0][1]:.2f}, around step {n // 3} {third:.2f}, last 5 {statistics.mean(x for _, x in v[-5:]):.2f}"
+
+
 def interval(values):
     """Mean and half-width of its 95% t-interval (None for one value)."""
     m = statistics.mean(values)
@@ -260,9 +268,7 @@ def report(results, path):
                 f"@{p} " + "/".join(f"{v[t]['ndcg_at_10']:.3f}" for t in TASKS) for p, v in pts))
     for k, v in sorted(results.items()):
         if k.endswith("/losses") and v:
-            n = len(v)
-            third = statistics.mean(x for s, x in v[max(0, n // 3 - 2):n // 3 + 1]) if n >= 3 else v[-1][1]
-            print(f"{k}: first {v[0][1]:.2f}, around step {n // 3} {third:.2f}, last 5 {statistics.mean(x for _, x in v[-5:]):.2f}")
+            print(f"{k}: {loss_summary(v)}")
     for k, v in sorted(results.items()):
         if "diagnostic" in k and not k.endswith(".seconds"):
             print(f"{k}: " + "; ".join(f"{name} " + ", ".join(f"{t} {g['true']:.2f} vs {g['shuffled']:.2f}"

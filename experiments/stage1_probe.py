@@ -80,22 +80,9 @@ def decoder(variant):
     return decode
 
 
-def diagnostic(model_dir, n):
-    from compare import TASKS
-    from data import INSTRUCTIONS, split_pairs
-
-    embedder = bireco.Embedder.from_pretrained(model_dir)
-    out = {}
-    for name in TASKS.values():
-        pairs = split_pairs(os.path.join(ROOT, name, "validation"), INSTRUCTIONS[name], n)
-        out[name] = {}
-        for task in ("d2q", "q2d"):
-            true, shuffled = bireco.split_reconstruction_gap(embedder.model, embedder.fmt, pairs, task)
-            out[name][task] = {"true": round(true, 4), "shuffled": round(shuffled, 4)}
-    return out
-
-
 def report(results):
+    from compare import loss_summary
+
     compared = os.path.join(ROOT, "experiments", "results", "compare.json")
     arms = json.load(open(compared)) if os.path.isfile(compared) else {}
     print(f"{'run':<40} {'seconds':>7}  {'dataset':<9} EBD2Q true / shuffled / gap   EBQ2D true / shuffled / gap")
@@ -107,9 +94,8 @@ def report(results):
                   f"{b['true']:.3f} / {b['shuffled']:.3f} / {b['shuffled'] - b['true']:+.3f}")
         if "stage2" in r:  # beside compare.py's arms of the same seed, where they were scored on that split
             s2, seed = r["stage2"], name.rsplit(" s", 1)[1]
-            loss = [v for step, v in s2["losses"] if 12 <= step <= 14]
             line = f"  then Stage II: {s2['split']} nDCG@10 " + " / ".join(f"{v:.3f}" for v in s2["scores"].values())
-            line += f", loss around step 13 {sum(loss) / max(1, len(loss)):.2f}"
+            line += f", loss {loss_summary(s2['losses'])}"
             for arm in ("baseline", "ours"):
                 at = arms.get(f"{arm}/s{seed}/contrastive@{STAGE2_STEPS}-{s2['split']}")
                 if at:
@@ -135,7 +121,8 @@ def main():
 
     model = args.model or default_model_dir()
     if f"base {args.variant}" not in results:  # the untrained model, the same decoder input
-        results[f"base {args.variant}"] = dict(flags="", seconds=0, diagnostic=diagnostic(model, args.pairs))
+        results[f"base {args.variant}"] = dict(flags="", seconds=0,
+                                               diagnostic=compare.diagnostic(model, "validation", args.pairs))
         save()
     name = f"{args.variant} {shlex.join(args.train_flags)} s{args.seed}".replace("  ", " ")
     run = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", name.replace("--", "")))
@@ -144,7 +131,7 @@ def main():
         train.main(["--stage", "recon", "--model", model, "--seed", str(args.seed), "--out", run, "--overwrite",
                     "--sample-every", "0", *args.train_flags])
         results[name] = dict(flags=shlex.join(args.train_flags), seconds=round(time.time() - t0),
-                             diagnostic=diagnostic(os.path.join(run, "latest"), args.pairs))
+                             diagnostic=compare.diagnostic(os.path.join(run, "latest"), "validation", args.pairs))
         save()
     if args.stage2 and "stage2" not in results[name]:  # train.py's Stage II from this checkpoint, as compare.py's arms
         d = run + "-contrastive"

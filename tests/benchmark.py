@@ -644,11 +644,12 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
             t2.setdefault(k, []).append(v)
         seqs = [fmt.embed_ids(p.query, p.instruction) for p in batch] + [fmt.embed_ids(p.positive) for p in batch] + [
             fmt.embed_ids(p.negative) for p in batch if p.negative]
-        chunks = train.token_chunks([len(x) for x in seqs], args.chunk)
-        padded = train.padded_size([len(x) for x in seqs], chunks)
-        passes.append(f"{name} {len(chunks)} ({padded} padded tokens of {sum(map(len, seqs))} real, "
+        lengths = [len(x) for x in seqs]
+        chunks = train.token_chunks(lengths, args.chunk)
+        padded = train.padded_size(lengths, chunks)
+        passes.append(f"{name} {len(chunks)} ({padded} padded tokens of {sum(lengths)} real, "
                       f"{'plain' if padded <= args.chunk else 'cached'})")
-        flops2.append(model_flops(ours, [len(x) for x in seqs], training=False) * 2)  # frozen base: forward + input grads
+        flops2.append(model_flops(ours, lengths, training=False) * 2)  # frozen base: forward + input grads
     a, b, c = (mean(t2[k]) for k in ("ours", "ref", "ours one pass"))
     f2, bs = mean(flops2), s2["batch_size"]
     add("recipe Stage II step (pairs/s)", f"{bs / a:.2f}", f"{bs / b:.2f}", f"{b / a:.2f}x", TARGETS["recipe"], b / a >= 1.5)

@@ -359,8 +359,8 @@ def test_cached_step_equals_plain(lora, chunk, tiny_model_dir, fmt, batch):
     lengths = [len(fmt.embed_ids(t, i)) for p in batch for i, t in ((p.instruction, p.query), (None, p.positive),
                                                                     (None, p.negative))]
     chunks = train.token_chunks(lengths, chunk)
-    assert (len(chunks) > 1, train.padded_size(lengths, chunks) > chunk) == {100: (True, True), 300: (True, True), 800: (True, False),
-                                                 10 ** 6: (False, False)}[chunk]
+    assert (len(chunks) > 1, train.padded_size(lengths, chunks) > chunk) == {
+        100: (True, True), 300: (True, True), 800: (True, False), 10 ** 6: (False, False)}[chunk]
     model = lora_model(tiny_model_dir, dropout=0.0) if lora else load_model(tiny_model_dir, dtype=torch.float64).train()
     want_loss = reference_step(model, fmt, batch, chunk=10 ** 6)
     want = grads(model)
