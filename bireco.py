@@ -254,41 +254,48 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
     return _weighted_sum(ce, row_weights), ce
 
 
-def _decode(model: Transformer, anchor, targets, mask):
+def _decode(model: Transformer, anchor, targets, mask, word_dropout: float = 0.0):
     """The decoder pass of Stage I: final states at the target positions and their targets,
     (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; position k predicts
-    y_(k+1)."""
+    y_(k+1). word_dropout p (not in the paper; train.py --decoder-dropout): each input token
+    y_k is replaced by a zero vector with probability p, so the decoder predicts from the
+    anchor and a thinned context (RetroMAE-style), not from the language prior alone."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
     tok = model.model.embed_tokens(targets[:, :-1])  # (B, n-1, D)
+    if word_dropout > 0:
+        keep = torch.rand(tok.shape[:2], device=device) >= word_dropout  # (B, n-1)
+        tok = tok * keep[..., None].to(tok.dtype)
     x = torch.cat([anchor[:, None, :].to(tok.dtype), tok], dim=1)  # (B, n, D)
     h = model(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
     return h[mask], targets[mask]
 
 
-def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None):
+def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
+                        word_dropout: float = 0.0):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
     anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n)."""
-    h, y = _decode(model, anchor, targets, mask)
+    h, y = _decode(model, anchor, targets, mask, word_dropout)
     return target_cross_entropy(model, h, y, chunk=chunk)[0] / len(y)
 
 
-def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None):
+def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None,
+                word_dropout: float = 0.0):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
     Returns (loss, target tokens)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    return reconstruction_loss(model, anchor, targets, mask, chunk), int(mask.sum())
+    return reconstruction_loss(model, anchor, targets, mask, chunk, word_dropout), int(mask.sum())
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weights: dict[str, float],
-                    chunk: int | None = None):
+                    chunk: int | None = None, word_dropout: float = 0.0):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
     pass then serves all their target rows, each weighted by its task's weight over its task's
     target count, so one lm_head gradient (V x D) is held until backward, not one per task.
     Returns (loss, {task: (its loss value, its target tokens)})."""
-    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task)) for task in weights]
+    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), word_dropout) for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
     wtype = torch.promote_types(h.dtype, torch.float32)
@@ -325,6 +332,23 @@ def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pa
     it): the mean over batches of the true and of the shuffled anchor's loss."""
     gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task) for i in range(0, len(pairs), batch)]
     return sum(t for t, _ in gaps) / len(gaps), sum(s for _, s in gaps) / len(gaps)
+
+
+@torch.no_grad()
+def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, batch: int = 16,
+                  word_dropout: float = 0.0) -> dict[str, float]:
+    """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
+    pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
+    anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules
+    out a decoder that merely breaks on a foreign vector. Mean over batches of each."""
+    sums, n = dict(true=0.0, shuffled=0.0, mean=0.0), 0
+    for i in range(0, len(pairs), batch):
+        anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
+        for name, a in (("true", anchor), ("shuffled", anchor.roll(1, dims=0)),
+                        ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
+            sums[name] += reconstruction_loss(model, a, targets, mask, word_dropout=word_dropout).item()
+        n += 1
+    return {k: v / n for k, v in sums.items()}
 
 
 @torch.no_grad()

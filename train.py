@@ -46,7 +46,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
-from bireco import (at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
+from bireco import (anchor_losses, at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
                     save_sentence_transformers, stage1_loss, stage1_sum_loss)
 from data import Batches, DataError, Pair, TextFormat, load_pairs, pad, split_pairs, stage1_task  # noqa: E402
 from model import load_model, load_tokenizer, save_model  # noqa: E402
@@ -105,6 +105,9 @@ parser.add_argument("--task-weights", type=float, nargs=2, default=[0.8, 0.2], m
                     help="Stage I weights of EBD2Q and EBQ2D; 1 0 = EBD2Q only, 0 1 = EBQ2D only")
 parser.add_argument("--mode", choices=["interleave", "sum"], default="interleave",
                     help="Stage I: one task per batch at the weights' ratio, or both weighted on every batch")
+parser.add_argument("--decoder-dropout", type=float, default=0.0,
+                    help="Stage I: share of the decoder's input tokens replaced by zero vectors, so the "
+                    "targets must come from the anchor (not in the paper; see bireco.py)")
 parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
@@ -123,8 +126,10 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
 parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
 parser.add_argument("--sample-every", type=int, default=50,
-                    help="Stage I: print reconstructions of two held-out pairs at the start, every N steps "
-                    "(at a progress line) and at the end; 0 = never")
+                    help="Stage I: print reconstructions of two held-out pairs and the held-out gap at the "
+                    "start, every N steps (at a progress line) and at the end; 0 = never")
+parser.add_argument("--gap-pairs", type=int, default=16,
+                    help="Stage I: held-out pairs per dataset for the gap printed with the samples")
 
 # -----------------------------------------------------------------------------
 # LoRA: W x + (alpha / r) B A dropout(x), B initialised to zero so training starts at the base model
@@ -360,12 +365,12 @@ def recon_step(model, fmt, batch, micro, args, ctx):
     if args.mode == "interleave":
         task = stage1_task(micro, w["d2q"], w["q2d"])
         with ctx:
-            loss, n_tok = stage1_loss(model, fmt, mine, task)
+            loss, n_tok = stage1_loss(model, fmt, mine, task, word_dropout=args.decoder_dropout)
         loss = loss * share[task]
         return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
     weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # weighted local means = global terms
     with ctx:  # sum: both tasks, one output-layer pass over their targets
-        loss, logs = stage1_sum_loss(model, fmt, mine, weights)
+        loss, logs = stage1_sum_loss(model, fmt, mine, weights, word_dropout=args.decoder_dropout)
     return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
 
 
@@ -446,30 +451,47 @@ def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
 # -----------------------------------------------------------------------------
 
 
-def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
-    """Two fixed pairs to show reconstructions on: from the held-out validation splits beside the
-    training folders where there are such (the bundled datasets: one pair from each of the first
-    two), else the first two training pairs."""
-    pairs = []
+def heldout_sets(sources: list[str], n: int) -> dict[str, list[Pair]]:
+    """Up to n pairs of the validation split beside each training folder that has one (the bundled
+    datasets: <name>/train beside <name>/validation), by dataset name."""
+    sets = {}
     for source in sources:
-        held_out = os.path.join(os.path.dirname(os.path.normpath(source)), "validation")
-        if os.path.basename(os.path.normpath(source)) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
+        source = os.path.normpath(source)
+        held_out = os.path.join(os.path.dirname(source), "validation")
+        if os.path.basename(source) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
             instruction = next(iter(load_pairs(source).values()))[0].instruction
-            pairs += split_pairs(held_out, instruction, 1 if len(sources) > 1 else 2)
+            sets[os.path.basename(os.path.dirname(source))] = split_pairs(held_out, instruction, n)
+    return sets
+
+
+def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
+    """Two fixed pairs to show reconstructions on: held-out pairs where there are such (one from
+    each of the first two datasets, or two from the only one), else the first two training pairs."""
+    sets = list(heldout_sets(sources, 2).values())
+    pairs = [v[0] for v in sets[:2]] if len(sets) > 1 else sum(sets, [])
     if len(pairs) >= 2:
         return "held-out pairs", pairs[:2]
     return "training pairs", [p for v in data.values() for p in v][:2]
 
 
-def print_samples(model, fmt, pairs, what, step, ctx):
+def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None):
+    """Reconstructions of `pairs`, and the held-out gap on each of `gap_sets` ({dataset: pairs})."""
     model.eval()
     counted = fmt.truncated  # the warning counts training texts, not these
     with ctx:
         lines = reconstruction_samples(model, fmt, pairs)
+        gaps = {name: {task: anchor_losses(model, fmt, v, task) for task in ("d2q", "q2d")}
+                for name, v in (gap_sets or {}).items()}
     fmt.truncated = counted
     model.train()
     print(f"samples at step {step} ({what}; each side regenerated from the other's [EOS] vector, "
           "and from the other pair's):", *lines, sep="\n", flush=True)
+    for name, by_task in gaps.items():
+        n = len(gap_sets[name])
+        print(f"held-out gap at step {step}, {name} ({n} pairs), nats/token: " + " | ".join(
+            f"{label} {g['shuffled'] - g['true']:+.3f} (true {g['true']:.3f}, shuffled {g['shuffled']:.3f}, "
+            f"mean anchor {g['mean']:.3f})" for label, g in (("EBD2Q", by_task["d2q"]), ("EBQ2D", by_task["q2d"]))),
+            flush=True)
 
 
 def main(argv=None):
@@ -487,7 +509,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
@@ -593,8 +615,9 @@ def main(argv=None):
     samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0 and RANK == 0
     if samples:
         what, shown = sample_pairs(args.data, data)
+        gap_sets = heldout_sets(args.data, args.gap_pairs) if args.gap_pairs > 0 else {}
         if step == 0:
-            print_samples(model, fmt, shown, what, 0, ctx)
+            print_samples(model, fmt, shown, what, 0, ctx, gap_sets)
     start_step = first = step
     t0, window = time.time(), {}
     warned = 0
@@ -644,7 +667,7 @@ def main(argv=None):
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
-                print_samples(model, fmt, shown, what, step, ctx)
+                print_samples(model, fmt, shown, what, step, ctx, gap_sets)
         if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
