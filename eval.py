@@ -268,6 +268,16 @@ def reconstruction_report(path: str, names: list[str], n: int, device: str, dtyp
                   f"shuffled {shuffled:.3f}, gap {shuffled - true:.3f}")
 
 
+def add_average(scores: dict, tasks: list, columns: list[str]):
+    """MTEB's headline number, the mean main score over the tasks, as the row ("average", "main
+    score") of scores[(task, metric)][column]; for the columns that score every task (BM25 scores
+    the bundled tasks only), and only where there are several tasks."""
+    if len(tasks) > 1:
+        mains = [scores[(t.metadata.name, t.metadata.main_score)] for t in tasks]
+        scores[("average", "main score")] = {c: sum(m[c] for m in mains) / len(mains)
+                                             for c in columns if all(c in m for m in mains)}
+
+
 def main(args):
     names = {t.metadata.name for t in mteb.get_tasks()} | set(TASKS)
     for name in [] if args.benchmark else args.tasks:
@@ -340,9 +350,7 @@ def main(args):
     for task in bundled:  # the lexical bar beside the models
         scores[(task.metadata.name, "ndcg_at_10")]["BM25"] = bm25_ndcg10(task.path)
     columns += ["BM25"] if bundled else []
-    if len(tasks) > 1:  # MTEB's headline number: the mean main score over tasks
-        mains = [scores[(t.metadata.name, t.metadata.main_score)] for t in tasks]
-        scores[("average", "main score")] = {c: sum(m[c] for m in mains) / len(mains) for c in columns}
+    add_average(scores, tasks, columns)
     width, cols = max(len(f"{t} {m}") for t, m in scores) + 2, [max(12, len(c) + 2) for c in columns]
     print("\n" + " " * width + "".join(f"{c:>{w}}" for c, w in zip(columns, cols)))
     for (task, metric), row in scores.items():

@@ -281,3 +281,20 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
             gaps = [bireco.reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
         true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
         assert f"true anchor {true:.3f}, shuffled {shuffled:.3f}" in line
+
+
+def test_average_of_bundled_and_mteb_tasks():
+    """A bundled task (scored by BM25 too) beside an MTEB task (not): the average row covers the
+    models over both tasks and leaves BM25 out, where it used to fail with KeyError: 'BM25'."""
+    import mteb
+
+    import eval as ev
+
+    tasks = [ev.WordNetSenseRetrieval("validation"), mteb.get_task("SciFact")]
+    scores = {("WordNetSenseRetrieval", "ndcg_at_10"): {"model": 0.4, "BM25": 0.1},
+              ("SciFact", "ndcg_at_10"): {"model": 0.6}}
+    ev.add_average(scores, tasks, ["model", "BM25"])
+    assert scores[("average", "main score")] == {"model": pytest.approx(0.5)}
+    one = {("SciFact", "ndcg_at_10"): {"model": 0.6}}
+    ev.add_average(one, tasks[1:], ["model"])  # one task: no average row
+    assert ("average", "main score") not in one
