@@ -415,3 +415,42 @@ def test_reconstruct_is_greedy_decoding_through_transformers(model, fmt, rows, t
     got = bireco.reconstruct(model, anchor, stop_id=stop, max_new=10)
     for g, w in zip(got, want):
         assert g == (w[:w.index(stop)] if stop in w else w)
+
+
+def test_decoder_word_dropout_by_hand(model, fmt, rows):
+    """word_dropout p zeroes input token y_k of the decoder with probability p, drawn as one
+    (B, n-1) uniform block: the loss equals hand-decoded rows whose dropped inputs are zero
+    vectors; the anchor and the targets are never dropped; p = 0 is the paper's decoder."""
+    anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(tgt, fmt.pad_id)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        loss = bireco.reconstruction_loss(model, anchor, t, m, word_dropout=0.5)
+        torch.manual_seed(3)
+        keep = torch.rand(t.shape[0], t.shape[1] - 1) >= 0.5
+        assert 0 < keep[m[:, 1:]].float().mean() < 1  # some dropped, some kept
+        total = 0
+        for i, y in enumerate(tgt):
+            tok = model.model.embed_tokens(torch.tensor(y[:-1])) * keep[i, :len(y) - 1, None]
+            x = torch.cat([anchor[i][None], tok])[None]
+            total = total + F.cross_entropy(model.lm_head(model(inputs_embeds=x))[0], torch.tensor(y), reduction="sum")
+        torch.testing.assert_close(loss, total / sum(map(len, tgt)), **TOL)
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, word_dropout=0.0),
+                                   bireco.reconstruction_loss(model, anchor, t, m), rtol=0, atol=0)
+
+
+def test_anchor_losses(model, fmt, rows):
+    """anchor_losses: "true" and "shuffled" as reconstruction_gap over each batch, "mean" the loss
+    given the batch's mean anchor in every row, each averaged over the batches."""
+    pairs = [Pair(r["query"], r["positive"], r["negative"], "Find the definition") for r in rows[:6]]
+    got = bireco.anchor_losses(model, fmt, pairs, "d2q", batch=3)
+    gaps = [bireco.reconstruction_gap(model, fmt, pairs[i:i + 3], "d2q") for i in (0, 3)]
+    assert abs(got["true"] - (gaps[0][0] + gaps[1][0]) / 2) < 1e-9
+    assert abs(got["shuffled"] - (gaps[0][1] + gaps[1][1]) / 2) < 1e-9
+    means = []
+    with torch.no_grad():
+        for part in (pairs[:3], pairs[3:]):
+            anchor = bireco.embed_texts(model, fmt, [(None, p.positive) for p in part]).mean(0)
+            tgt = [fmt.target_ids(p.query) for p in part]
+            means.append(sum(hand_loss_sum(model, anchor, y) for y in tgt).item() / sum(map(len, tgt)))
+    assert abs(got["mean"] - sum(means) / 2) < 1e-9
