@@ -240,13 +240,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int | None = None):
+def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int | None = None, weight=None):
     """Cross-entropy of hidden states h (N, D) against token ids y (N,) through model.lm_head.
     Returns (sum over rows, weighted by row_weights (N,) if given; each row's loss (N,), detached).
     lm_head runs on `chunk` rows at a time (default: LOGITS_PER_CHUNK / V rows), so memory never
     holds more than one chunk of logits; with autograd on, each chunk's gradient is taken before
-    the next chunk (see _LinearCrossEntropy)."""
-    weight = model.lm_head.weight
+    the next chunk (see _LinearCrossEntropy). weight: the output matrix to use instead of
+    lm_head's (a detached one trains nothing through it)."""
+    weight = model.lm_head.weight if weight is None else weight
     chunk = chunk or max(1, LOGITS_PER_CHUNK // weight.shape[0])
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, y, row_weights, chunk)
@@ -254,53 +255,66 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
     return _weighted_sum(ce, row_weights), ce
 
 
-def _decode(model: Transformer, anchor, targets, mask, word_dropout: float = 0.0):
+def _decode(model: Transformer, anchor, targets, mask, word_dropout: float = 0.0, detach_decoder: bool = False):
     """The decoder pass of Stage I: final states at the target positions and their targets,
     (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; position k predicts
-    y_(k+1). word_dropout p (not in the paper; train.py --decoder-dropout): each input token
-    y_k is replaced by a zero vector with probability p, so the decoder predicts from the
-    anchor and a thinned context (RetroMAE-style), not from the language prior alone."""
+    y_(k+1). Two options that are not in the paper (train.py --decoder-dropout, --detach-decoder):
+    word_dropout p replaces each input token y_k by a zero vector with probability p, so the
+    decoder predicts from the anchor and a thinned context (RetroMAE-style), not from the
+    language prior alone; detach_decoder runs this pass with the weights detached, so the
+    gradient reaches the weights only through the anchor (the encoder pass), and the decoder
+    cannot lower the loss by learning what targets look like (as a frozen decoder, ICAE / xRAG,
+    but with the current weights, so one set of weights still encodes and decodes)."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
-    tok = model.model.embed_tokens(targets[:, :-1])  # (B, n-1, D)
+    run = model
+    if detach_decoder:
+        params = {k: p.detach() for k, p in model.named_parameters()}
+        run = lambda **kw: torch.func.functional_call(model, params, (), kw)
+    tok = F.embedding(targets[:, :-1], model.model.embed_tokens.weight)  # (B, n-1, D)
+    if detach_decoder:
+        tok = tok.detach()
     if word_dropout > 0:
         keep = torch.rand(tok.shape[:2], device=device) >= word_dropout  # (B, n-1)
         tok = tok * keep[..., None].to(tok.dtype)
     x = torch.cat([anchor[:, None, :].to(tok.dtype), tok], dim=1)  # (B, n, D)
-    h = model(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
+    h = run(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
     return h[mask], targets[mask]
 
 
 def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
-                        word_dropout: float = 0.0):
+                        word_dropout: float = 0.0, detach_decoder: bool = False):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
-    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n)."""
-    h, y = _decode(model, anchor, targets, mask, word_dropout)
-    return target_cross_entropy(model, h, y, chunk=chunk)[0] / len(y)
+    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n).
+    word_dropout, detach_decoder: see _decode."""
+    h, y = _decode(model, anchor, targets, mask, word_dropout, detach_decoder)
+    weight = model.lm_head.weight.detach() if detach_decoder else None
+    return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / len(y)
 
 
 def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None,
-                word_dropout: float = 0.0):
+                word_dropout: float = 0.0, detach_decoder: bool = False):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
     Returns (loss, target tokens)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    return reconstruction_loss(model, anchor, targets, mask, chunk, word_dropout), int(mask.sum())
+    return reconstruction_loss(model, anchor, targets, mask, chunk, word_dropout, detach_decoder), int(mask.sum())
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weights: dict[str, float],
-                    chunk: int | None = None, word_dropout: float = 0.0):
+                    chunk: int | None = None, word_dropout: float = 0.0, detach_decoder: bool = False):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
     pass then serves all their target rows, each weighted by its task's weight over its task's
     target count, so one lm_head gradient (V x D) is held until backward, not one per task.
     Returns (loss, {task: (its loss value, its target tokens)})."""
-    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), word_dropout) for task in weights]
+    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), word_dropout, detach_decoder) for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
     wtype = torch.promote_types(h.dtype, torch.float32)
     row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device) for w, n in zip(weights.values(), sizes)])
-    total, ce = target_cross_entropy(model, h, y, row_weights, chunk)
+    weight = model.lm_head.weight.detach() if detach_decoder else None
+    total, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
     return total, {task: (part.mean().item(), n) for task, part, n in zip(weights, ce.split(sizes), sizes)}
 
 

@@ -108,6 +108,9 @@ parser.add_argument("--mode", choices=["interleave", "sum"], default="interleave
 parser.add_argument("--decoder-dropout", type=float, default=0.0,
                     help="Stage I: share of the decoder's input tokens replaced by zero vectors, so the "
                     "targets must come from the anchor (not in the paper; see bireco.py)")
+parser.add_argument("--detach-decoder", action="store_true",
+                    help="Stage I: the decoder pass trains no weight; they learn only through the anchor, "
+                    "so the decoder cannot lower the loss without reading it (not in the paper; see bireco.py)")
 parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
@@ -365,12 +368,14 @@ def recon_step(model, fmt, batch, micro, args, ctx):
     if args.mode == "interleave":
         task = stage1_task(micro, w["d2q"], w["q2d"])
         with ctx:
-            loss, n_tok = stage1_loss(model, fmt, mine, task, word_dropout=args.decoder_dropout)
+            loss, n_tok = stage1_loss(model, fmt, mine, task, word_dropout=args.decoder_dropout,
+                                       detach_decoder=args.detach_decoder)
         loss = loss * share[task]
         return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
     weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # weighted local means = global terms
     with ctx:  # sum: both tasks, one output-layer pass over their targets
-        loss, logs = stage1_sum_loss(model, fmt, mine, weights, word_dropout=args.decoder_dropout)
+        loss, logs = stage1_sum_loss(model, fmt, mine, weights, word_dropout=args.decoder_dropout,
+                                     detach_decoder=args.detach_decoder)
     return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
 
 
@@ -509,7 +514,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:

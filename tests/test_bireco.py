@@ -454,3 +454,30 @@ def test_anchor_losses(model, fmt, rows):
             tgt = [fmt.target_ids(p.query) for p in part]
             means.append(sum(hand_loss_sum(model, anchor, y) for y in tgt).item() / sum(map(len, tgt)))
     assert abs(got["mean"] - sum(means) / 2) < 1e-9
+
+
+@pytest.mark.parametrize("mode", ["one", "sum"])
+def test_detached_decoder_trains_through_the_anchor_only(tiny_model_dir, fmt, rows, mode):
+    """detach_decoder: the same loss, and the gradient of decoding with a frozen copy of the
+    model (the anchor from the live one): every weight learns only through the encoder pass."""
+    import copy
+
+    live = load_model(tiny_model_dir, dtype=torch.float64)
+    frozen = copy.deepcopy(live).requires_grad_(False)
+    pairs = [Pair(r["query"], r["positive"], r["negative"], "Find the definition") for r in rows[:4]]
+    if mode == "one":
+        loss = bireco.stage1_loss(live, fmt, pairs, "d2q", detach_decoder=True)[0]
+    else:
+        loss = bireco.stage1_sum_loss(live, fmt, pairs, dict(d2q=0.8, q2d=0.2), detach_decoder=True)[0]
+    got = torch.autograd.grad(loss, list(live.parameters()))
+    want_loss = 0
+    for task, w in ((("d2q", 1.0),) if mode == "one" else (("d2q", 0.8), ("q2d", 0.2))):
+        anchor, targets, mask = bireco._stage1_inputs(live, fmt, pairs, task)
+        want_loss = want_loss + w * bireco.reconstruction_loss(frozen, anchor, targets, mask)
+    want = torch.autograd.grad(want_loss, list(live.parameters()))
+    torch.testing.assert_close(loss, want_loss, **TOL)
+    for g, h in zip(got, want):
+        torch.testing.assert_close(g, h, **TOL)
+    plain = bireco.stage1_loss(live, fmt, pairs, "d2q")[0]
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(  # the paper's decoder trains its weights too
+        torch.autograd.grad(plain, list(live.parameters())), got)) or mode == "sum"
