@@ -22,6 +22,7 @@ Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a bat
 import json
 import os
 import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -255,65 +256,87 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
     return _weighted_sum(ce, row_weights), ce
 
 
-def _decode(model: Transformer, anchor, targets, mask, word_dropout: float = 0.0, detach_decoder: bool = False):
+@dataclass(frozen=True)
+class Decoding:
+    """How Stage I's decoder pass reads the anchor. The defaults are the paper's; each other value
+    is a deviation, a train.py flag, chosen on validation evidence (experiments/README.md):
+    - word_dropout p (--decoder-dropout): each input token y_k is replaced by a zero vector with
+      probability p, so the decoder predicts from the anchor and a thinned context (RetroMAE-style),
+      not from the language prior alone. Training only: diagnostics and samples decode unthinned.
+    - detach (--detach-decoder): the pass runs with the weights detached, so the gradient reaches
+      them only through the anchor (the encoder pass) and the decoder cannot lower the loss by
+      learning what targets look like (as a frozen decoder, ICAE / xRAG, but with the current
+      weights: one set of weights still encodes and decodes).
+    - sink_id (--sink): this token first, the anchor at position 1: position 0 is where a
+      pretrained LM parks attention whatever the content (the attention sink)."""
+    word_dropout: float = 0.0
+    detach: bool = False
+    sink_id: int | None = None
+
+
+PAPER = Decoding()
+
+
+def _decoder_input(anchor, tokens, sink=None):
+    """anchor (B, D), tokens (B, m, D), sink (D,) or None -> [sink,] anchor, tokens: (B, P + m, D)."""
+    x = torch.cat([anchor[:, None, :].to(tokens.dtype), tokens], dim=1)
+    if sink is None:
+        return x
+    return torch.cat([sink.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
+
+
+def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
     """The decoder pass of Stage I: final states at the target positions and their targets,
-    (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1; position k predicts
-    y_(k+1). Two options that are not in the paper (train.py --decoder-dropout, --detach-decoder):
-    word_dropout p replaces each input token y_k by a zero vector with probability p, so the
-    decoder predicts from the anchor and a thinned context (RetroMAE-style), not from the
-    language prior alone; detach_decoder runs this pass with the weights detached, so the
-    gradient reaches the weights only through the anchor (the encoder pass), and the decoder
-    cannot lower the loss by learning what targets look like (as a frozen decoder, ICAE / xRAG,
-    but with the current weights, so one set of weights still encodes and decodes)."""
+    (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1 (1..n after a sink);
+    the anchor's position predicts y_1, y_k's predicts y_(k+1). `how`: see Decoding."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
-    run = model
-    if detach_decoder:
+    W, run = model.model.embed_tokens.weight, model
+    if how.detach:  # the same weights, outside autograd: only the anchor carries a gradient
         params = {k: p.detach() for k, p in model.named_parameters()}
-        run = lambda **kw: torch.func.functional_call(model, params, (), kw)
-    tok = F.embedding(targets[:, :-1], model.model.embed_tokens.weight)  # (B, n-1, D)
-    if detach_decoder:
-        tok = tok.detach()
-    if word_dropout > 0:
-        keep = torch.rand(tok.shape[:2], device=device) >= word_dropout  # (B, n-1)
+        W, run = W.detach(), lambda **kw: torch.func.functional_call(model, params, (), kw)
+    tok = F.embedding(targets[:, :-1], W)  # (B, n-1, D)
+    if how.word_dropout > 0:
+        keep = torch.rand(tok.shape[:2], device=device) >= how.word_dropout  # (B, n-1)
         tok = tok * keep[..., None].to(tok.dtype)
-    x = torch.cat([anchor[:, None, :].to(tok.dtype), tok], dim=1)  # (B, n, D)
-    h = run(inputs_embeds=x, padding_mask=mask)  # positions 0..n-1 for every row
+    x = _decoder_input(anchor, tok, None if how.sink_id is None else W[how.sink_id])  # (B, P + n-1, D)
+    P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
+    padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)
+    h = run(inputs_embeds=x, padding_mask=padding)[:, P:]  # the anchor's and the tokens' positions
     return h[mask], targets[mask]
 
 
 def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
-                        word_dropout: float = 0.0, detach_decoder: bool = False):
+                        how: Decoding = PAPER):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
-    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n).
-    word_dropout, detach_decoder: see _decode."""
-    h, y = _decode(model, anchor, targets, mask, word_dropout, detach_decoder)
-    weight = model.lm_head.weight.detach() if detach_decoder else None
+    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n)."""
+    h, y = _decode(model, anchor, targets, mask, how)
+    weight = model.lm_head.weight.detach() if how.detach else None
     return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / len(y)
 
 
 def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None,
-                word_dropout: float = 0.0, detach_decoder: bool = False):
+                how: Decoding = PAPER):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
     Returns (loss, target tokens)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    return reconstruction_loss(model, anchor, targets, mask, chunk, word_dropout, detach_decoder), int(mask.sum())
+    return reconstruction_loss(model, anchor, targets, mask, chunk, how), int(mask.sum())
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weights: dict[str, float],
-                    chunk: int | None = None, word_dropout: float = 0.0, detach_decoder: bool = False):
+                    chunk: int | None = None, how: Decoding = PAPER):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
     pass then serves all their target rows, each weighted by its task's weight over its task's
     target count, so one lm_head gradient (V x D) is held until backward, not one per task.
     Returns (loss, {task: (its loss value, its target tokens)})."""
-    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), word_dropout, detach_decoder) for task in weights]
+    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), how) for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
     wtype = torch.promote_types(h.dtype, torch.float32)
     row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device) for w, n in zip(weights.values(), sizes)])
-    weight = model.lm_head.weight.detach() if detach_decoder else None
+    weight = model.lm_head.weight.detach() if how.detach else None
     total, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
     return total, {task: (part.mean().item(), n) for task, part, n in zip(weights, ce.split(sizes), sizes)}
 
@@ -331,48 +354,53 @@ def _stage1_inputs(model, fmt, pairs, task):
 
 
 @torch.no_grad()
-def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q"):
+def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
+                       sink_id: int | None = None):
     """Diagnostic: target loss per token given the true anchor vs given another pair's anchor
-    (anchors rolled by one). A large gap means the [EOS] vector carries the other side's content."""
+    (anchors rolled by one). A large gap means the [EOS] vector carries the other side's content.
+    sink_id: decode as a model trained with Decoding(sink_id=...) does."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    true = reconstruction_loss(model, anchor, targets, mask).item()
-    shuffled = reconstruction_loss(model, anchor.roll(1, dims=0), targets, mask).item()
+    how = Decoding(sink_id=sink_id)
+    true = reconstruction_loss(model, anchor, targets, mask, how=how).item()
+    shuffled = reconstruction_loss(model, anchor.roll(1, dims=0), targets, mask, how=how).item()
     return true, shuffled
 
 
 def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
-                             batch: int = 16) -> tuple[float, float]:
+                             batch: int = 16, sink_id: int | None = None) -> tuple[float, float]:
     """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
     it): the mean over batches of the true and of the shuffled anchor's loss."""
-    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task) for i in range(0, len(pairs), batch)]
+    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task, sink_id) for i in range(0, len(pairs), batch)]
     return sum(t for t, _ in gaps) / len(gaps), sum(s for _, s in gaps) / len(gaps)
 
 
 @torch.no_grad()
 def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, batch: int = 16,
-                  word_dropout: float = 0.0) -> dict[str, float]:
+                  sink_id: int | None = None) -> dict[str, float]:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
     pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
     anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules
     out a decoder that merely breaks on a foreign vector. Mean over batches of each."""
-    sums, n = dict(true=0.0, shuffled=0.0, mean=0.0), 0
+    sums, n, how = dict(true=0.0, shuffled=0.0, mean=0.0), 0, Decoding(sink_id=sink_id)
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
         for name, a in (("true", anchor), ("shuffled", anchor.roll(1, dims=0)),
                         ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
-            sums[name] += reconstruction_loss(model, a, targets, mask, word_dropout=word_dropout).item()
+            sums[name] += reconstruction_loss(model, a, targets, mask, how=how).item()
         n += 1
     return {k: v / n for k, v in sums.items()}
 
 
 @torch.no_grad()
-def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48) -> list[list[int]]:
+def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
+                sink_id: int | None = None) -> list[list[int]]:
     """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
-    them: the anchor at position 0, then the tokens chosen so far. One full forward pass per new
+    them: [the sink,] the anchor, then the tokens chosen so far. One full forward pass per new
     token (no cache: short outputs, readable code). Each row ends at `stop_id` (not returned) or
     after `max_new` tokens."""
-    device = model.lm_head.weight.device
-    x = anchor[:, None, :].to(device, model.lm_head.weight.dtype)  # (B, 1, D)
+    W = model.model.embed_tokens.weight
+    no_tokens = W.new_zeros(len(anchor), 0, W.shape[1])
+    x = _decoder_input(anchor.to(W.device), no_tokens, None if sink_id is None else W[sink_id])  # (B, P, D)
     out, done = [[] for _ in range(len(x))], [False] * len(x)
     for _ in range(max_new):
         h = model(inputs_embeds=x)[:, -1]  # (B, D): the state that predicts the next token
@@ -389,7 +417,7 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48) -> 
 
 @torch.no_grad()
 def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair], tokens: int = 32,
-                           width: int = 160) -> list[str]:
+                           width: int = 160, sink_id: int | None = None) -> list[str]:
     """Printable lines showing what the [EOS] vector remembers: for each pair its query and
     document, each regenerated greedily from the other side's vector (EBQ2D, EBD2Q) and from the
     next pair's vector ("shuffled"), each as long as its truth, at most `tokens` tokens (decoding
@@ -400,7 +428,7 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
                                   ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs])):
         lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths]
         anchor = embed_texts(model, fmt, sources)
-        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths))
+        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths), sink_id)
         rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
     lines = []
     for i, p in enumerate(pairs):

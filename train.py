@@ -46,7 +46,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from safetensors import SafetensorError  # noqa: E402
 
-from bireco import (anchor_losses, at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
+from bireco import (Decoding, anchor_losses, at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
                     save_sentence_transformers, stage1_loss, stage1_sum_loss)
 from data import Batches, DataError, Pair, TextFormat, load_pairs, pad, split_pairs, stage1_task  # noqa: E402
 from model import load_model, load_tokenizer, save_model  # noqa: E402
@@ -111,6 +111,9 @@ parser.add_argument("--decoder-dropout", type=float, default=0.0,
 parser.add_argument("--detach-decoder", action="store_true",
                     help="Stage I: the decoder pass trains no weight; they learn only through the anchor, "
                     "so the decoder cannot lower the loss without reading it (not in the paper; see bireco.py)")
+parser.add_argument("--sink", action="store_true",
+                    help="Stage I: the decoder input starts with the template's first token, so the anchor "
+                    "sits at position 1, not at the attention sink (not in the paper; see bireco.py)")
 parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
@@ -355,6 +358,13 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
+def decoding(args, fmt) -> Decoding:
+    """Stage I's decoder options from the flags (bireco.Decoding); the sink is the first token of
+    the model's embedding template (<|im_start|>, <|begin_of_text|>), what position 0 holds when
+    a text is embedded."""
+    return Decoding(args.decoder_dropout, args.detach_decoder, fmt.head[0] if args.sink and fmt.head else None)
+
+
 def recon_step(model, fmt, batch, micro, args, ctx):
     """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)}). Across
     ranks each loss is a mean over the global batch's target tokens of that task, each rank
@@ -368,14 +378,12 @@ def recon_step(model, fmt, batch, micro, args, ctx):
     if args.mode == "interleave":
         task = stage1_task(micro, w["d2q"], w["q2d"])
         with ctx:
-            loss, n_tok = stage1_loss(model, fmt, mine, task, word_dropout=args.decoder_dropout,
-                                       detach_decoder=args.detach_decoder)
+            loss, n_tok = stage1_loss(model, fmt, mine, task, how=decoding(args, fmt))
         loss = loss * share[task]
         return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
     weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # weighted local means = global terms
     with ctx:  # sum: both tasks, one output-layer pass over their targets
-        loss, logs = stage1_sum_loss(model, fmt, mine, weights, word_dropout=args.decoder_dropout,
-                                     detach_decoder=args.detach_decoder)
+        loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=decoding(args, fmt))
     return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
 
 
@@ -479,13 +487,14 @@ def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
     return "training pairs", [p for v in data.values() for p in v][:2]
 
 
-def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None):
-    """Reconstructions of `pairs`, and the held-out gap on each of `gap_sets` ({dataset: pairs})."""
+def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None, sink_id=None):
+    """Reconstructions of `pairs`, and the held-out gap on each of `gap_sets` ({dataset: pairs}),
+    decoded as Stage I decodes (sink_id: see bireco.Decoding)."""
     model.eval()
     counted = fmt.truncated  # the warning counts training texts, not these
     with ctx:
-        lines = reconstruction_samples(model, fmt, pairs)
-        gaps = {name: {task: anchor_losses(model, fmt, v, task) for task in ("d2q", "q2d")}
+        lines = reconstruction_samples(model, fmt, pairs, sink_id=sink_id)
+        gaps = {name: {task: anchor_losses(model, fmt, v, task, sink_id=sink_id) for task in ("d2q", "q2d")}
                 for name, v in (gap_sets or {}).items()}
     fmt.truncated = counted
     model.train()
@@ -514,7 +523,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
@@ -622,7 +631,7 @@ def main(argv=None):
         what, shown = sample_pairs(args.data, data)
         gap_sets = heldout_sets(args.data, args.gap_pairs) if args.gap_pairs > 0 else {}
         if step == 0:
-            print_samples(model, fmt, shown, what, 0, ctx, gap_sets)
+            print_samples(model, fmt, shown, what, 0, ctx, gap_sets, decoding(args, fmt).sink_id)
     start_step = first = step
     t0, window = time.time(), {}
     warned = 0
@@ -672,7 +681,7 @@ def main(argv=None):
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
-                print_samples(model, fmt, shown, what, step, ctx, gap_sets)
+                print_samples(model, fmt, shown, what, step, ctx, gap_sets, decoding(args, fmt).sink_id)
         if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after

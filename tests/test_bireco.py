@@ -418,14 +418,14 @@ def test_reconstruct_is_greedy_decoding_through_transformers(model, fmt, rows, t
 
 
 def test_decoder_word_dropout_by_hand(model, fmt, rows):
-    """word_dropout p zeroes input token y_k of the decoder with probability p, drawn as one
+    """Decoding(word_dropout=p) zeroes input token y_k of the decoder with probability p, drawn as one
     (B, n-1) uniform block: the loss equals hand-decoded rows whose dropped inputs are zero
     vectors; the anchor and the targets are never dropped; p = 0 is the paper's decoder."""
     anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
     t, m = pad(tgt, fmt.pad_id)
     with torch.no_grad():
         torch.manual_seed(3)
-        loss = bireco.reconstruction_loss(model, anchor, t, m, word_dropout=0.5)
+        loss = bireco.reconstruction_loss(model, anchor, t, m, how=bireco.Decoding(word_dropout=0.5))
         torch.manual_seed(3)
         keep = torch.rand(t.shape[0], t.shape[1] - 1) >= 0.5
         assert 0 < keep[m[:, 1:]].float().mean() < 1  # some dropped, some kept
@@ -435,7 +435,7 @@ def test_decoder_word_dropout_by_hand(model, fmt, rows):
             x = torch.cat([anchor[i][None], tok])[None]
             total = total + F.cross_entropy(model.lm_head(model(inputs_embeds=x))[0], torch.tensor(y), reduction="sum")
         torch.testing.assert_close(loss, total / sum(map(len, tgt)), **TOL)
-        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, word_dropout=0.0),
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, how=bireco.Decoding()),
                                    bireco.reconstruction_loss(model, anchor, t, m), rtol=0, atol=0)
 
 
@@ -458,7 +458,7 @@ def test_anchor_losses(model, fmt, rows):
 
 @pytest.mark.parametrize("mode", ["one", "sum"])
 def test_detached_decoder_trains_through_the_anchor_only(tiny_model_dir, fmt, rows, mode):
-    """detach_decoder: the same loss, and the gradient of decoding with a frozen copy of the
+    """Decoding(detach=True): the same loss, and the gradient of decoding with a frozen copy of the
     model (the anchor from the live one): every weight learns only through the encoder pass."""
     import copy
 
@@ -466,9 +466,9 @@ def test_detached_decoder_trains_through_the_anchor_only(tiny_model_dir, fmt, ro
     frozen = copy.deepcopy(live).requires_grad_(False)
     pairs = [Pair(r["query"], r["positive"], r["negative"], "Find the definition") for r in rows[:4]]
     if mode == "one":
-        loss = bireco.stage1_loss(live, fmt, pairs, "d2q", detach_decoder=True)[0]
+        loss = bireco.stage1_loss(live, fmt, pairs, "d2q", how=bireco.Decoding(detach=True))[0]
     else:
-        loss = bireco.stage1_sum_loss(live, fmt, pairs, dict(d2q=0.8, q2d=0.2), detach_decoder=True)[0]
+        loss = bireco.stage1_sum_loss(live, fmt, pairs, dict(d2q=0.8, q2d=0.2), how=bireco.Decoding(detach=True))[0]
     got = torch.autograd.grad(loss, list(live.parameters()))
     want_loss = 0
     for task, w in ((("d2q", 1.0),) if mode == "one" else (("d2q", 0.8), ("q2d", 0.2))):
@@ -481,3 +481,24 @@ def test_detached_decoder_trains_through_the_anchor_only(tiny_model_dir, fmt, ro
     plain = bireco.stage1_loss(live, fmt, pairs, "d2q")[0]
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(  # the paper's decoder trains its weights too
         torch.autograd.grad(plain, list(live.parameters())), got)) or mode == "sum"
+
+
+def test_sink_decoding_by_hand(model, fmt, rows):
+    """Decoding(sink_id=s): each row decoded alone from [W_emb[s], anchor, y_1 .. y_(n-1)] with no
+    mask, its losses at the anchor's and the tokens' positions; the diagnostic, the mean-anchor
+    loss and greedy reconstruction decode the same way."""
+    anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(tgt, fmt.pad_id)
+    sink = fmt.head[0] if fmt.head else 0
+    W = model.model.embed_tokens.weight
+    with torch.no_grad():
+        got = bireco.reconstruction_loss(model, anchor, t, m, how=bireco.Decoding(sink_id=sink))
+        total = 0
+        for i, y in enumerate(tgt):
+            x = torch.cat([W[sink][None], anchor[i][None], W[torch.tensor(y[:-1])]])[None]
+            logits = model.lm_head(model(inputs_embeds=x))[0, 1:]
+            total = total + F.cross_entropy(logits, torch.tensor(y), reduction="sum")
+        torch.testing.assert_close(got, total / sum(map(len, tgt)), **TOL)
+        x = torch.cat([W[sink][None], anchor[0][None]])[None]
+        first = model.lm_head(model(inputs_embeds=x))[0, -1].argmax().item()
+        assert bireco.reconstruct(model, anchor[:1], stop_id=-1, max_new=1, sink_id=sink) == [[first]]

@@ -1,0 +1,82 @@
+"""
+What a checkpoint's [EOS] anchors hold, on held-out validation pairs of each bundled dataset:
+
+- spread: mean pairwise cosine of the documents' anchors, raw and mean-centred (anchors that all
+  point one way leave a decoder little to read), and their mean norm;
+- retrieval with the raw anchors: top-1 accuracy of each query's anchor among the documents';
+- the reconstruction gap per target position: target loss given another pair's anchor minus
+  given the true one, at positions 1-3 and over all positions, for EBD2Q and EBQ2D, and the loss
+  given the batch's mean anchor.
+
+  python experiments/anchor_probe.py CHECKPOINT [CHECKPOINT ...] [--pairs 64]
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bireco import Embedder, _decode, _stage1_inputs, target_cross_entropy  # noqa: E402
+from data import INSTRUCTIONS, split_pairs  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("checkpoints", nargs="+")
+parser.add_argument("--pairs", type=int, default=64, help="validation pairs per dataset")
+parser.add_argument("--batch", type=int, default=16, help="pairs decoded together (anchors rolled within)")
+
+
+def position_losses(model, anchor, targets, mask):
+    """Target loss per position (B, n), zero at padding."""
+    h, y = _decode(model, anchor, targets, mask)
+    out = torch.zeros(mask.shape)
+    out[mask] = target_cross_entropy(model, h, y)[1].float()
+    return out
+
+
+@torch.no_grad()
+def probe(path, pairs_by_dataset, batch):
+    model, fmt = (lambda e: (e.model, e.fmt))(Embedder.from_pretrained(path))
+    for name, pairs in pairs_by_dataset.items():
+        q = torch.cat([_stage1_inputs(model, fmt, pairs[i:i + batch], "q2d")[0] for i in range(0, len(pairs), batch)])
+        d = torch.cat([_stage1_inputs(model, fmt, pairs[i:i + batch], "d2q")[0] for i in range(0, len(pairs), batch)])
+        off = ~torch.eye(len(d), dtype=torch.bool)
+        cos = lambda x: (F.normalize(x, dim=-1) @ F.normalize(x, dim=-1).T)[off].mean().item()
+        top1 = ((F.normalize(q, dim=-1) @ F.normalize(d, dim=-1).T).argmax(1) == torch.arange(len(q))).float().mean()
+        print(f"{name}: documents' anchors norm {d.norm(dim=-1).mean():.1f}, cosine raw {cos(d):.3f}, "
+              f"centred {cos(d - d.mean(0)):.3f}; raw-anchor retrieval top-1 {top1:.3f} of {len(q)}")
+        for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
+            sums, counts = {}, torch.zeros(3)
+            for i in range(0, len(pairs), batch):
+                anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
+                m = mask.float()
+                for kind, a in (("true", anchor), ("shuffled", anchor.roll(1, 0)),
+                                ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
+                    loss = position_losses(model, a, targets, mask)
+                    first, total = (loss[:, :3] * m[:, :3]).sum(0), (loss * m).sum()
+                    s = sums.setdefault(kind, [torch.zeros(3), 0.0])
+                    s[0] += first
+                    s[1] += total.item()
+                counts += m[:, :3].sum(0)
+                sums.setdefault("tokens", [0, 0.0])[1] += m.sum().item()
+            per = {k: (v[0] / counts, v[1] / sums["tokens"][1]) for k, v in sums.items() if k != "tokens"}
+            gap_first = per["shuffled"][0] - per["true"][0]
+            print(f"  {label}: true {per['true'][1]:.3f}, shuffled {per['shuffled'][1]:.3f}, mean anchor "
+                  f"{per['mean'][1]:.3f}, gap {per['shuffled'][1] - per['true'][1]:+.3f}; gap at positions 1-3 "
+                  + " ".join(f"{g:+.2f}" for g in gap_first.tolist()))
+
+
+def main():
+    args = parser.parse_args()
+    pairs = {ds: split_pairs(os.path.join(ROOT, ds, "validation"), INSTRUCTIONS[ds], args.pairs)
+             for ds in ("wordnet", "manpages")}
+    for path in args.checkpoints:
+        print(f"== {path}", flush=True)
+        probe(path, pairs, args.batch)
+
+
+if __name__ == "__main__":
+    main()
