@@ -268,10 +268,14 @@ class Decoding:
       learning what targets look like (as a frozen decoder, ICAE / xRAG, but with the current
       weights: one set of weights still encodes and decodes).
     - sink_id (--sink): this token first, the anchor at position 1: position 0 is where a
-      pretrained LM parks attention whatever the content (the attention sink)."""
+      pretrained LM parks attention whatever the content (the attention sink).
+    - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
+      anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
+      with nothing to reconstruct from."""
     word_dropout: float = 0.0
     detach: bool = False
     sink_id: int | None = None
+    shuffle: bool = False
 
 
 PAPER = Decoding()
@@ -299,6 +303,8 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
     if how.word_dropout > 0:
         keep = torch.rand(tok.shape[:2], device=device) >= how.word_dropout  # (B, n-1)
         tok = tok * keep[..., None].to(tok.dtype)
+    if how.shuffle:
+        anchor = anchor.roll(1, dims=0)
     x = _decoder_input(anchor, tok, None if how.sink_id is None else W[how.sink_id])  # (B, P + n-1, D)
     P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
     padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)

@@ -114,6 +114,9 @@ parser.add_argument("--detach-decoder", action="store_true",
 parser.add_argument("--sink", action="store_true",
                     help="Stage I: the decoder input starts with the template's first token, so the anchor "
                     "sits at position 1, not at the attention sink (not in the paper; see bireco.py)")
+parser.add_argument("--shuffle-anchors", action="store_true",
+                    help="Stage I control: every target decodes from another pair's anchor (same texts and steps, "
+                    "nothing to reconstruct from)")
 parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
@@ -362,7 +365,8 @@ def decoding(args, fmt) -> Decoding:
     """Stage I's decoder options from the flags (bireco.Decoding); the sink is the first token of
     the model's embedding template (<|im_start|>, <|begin_of_text|>), what position 0 holds when
     a text is embedded."""
-    return Decoding(args.decoder_dropout, args.detach_decoder, fmt.head[0] if args.sink and fmt.head else None)
+    return Decoding(args.decoder_dropout, args.detach_decoder, fmt.head[0] if args.sink and fmt.head else None,
+                    args.shuffle_anchors)
 
 
 def recon_step(model, fmt, batch, micro, args, ctx):
@@ -523,7 +527,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "shuffle_anchors": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:

@@ -14,6 +14,8 @@ Scores: nDCG@10 on both bundled retrieval tasks through eval.py (mteb), on --spl
   baseline   Stage II only, from the base model
   ours       Stage I (EBD2Q:EBQ2D = 4:1, interleaved), then the same Stage II from its checkpoint
   q2d-only, d2q-only, sum   Stage I with EBQ2D only, EBD2Q only, or both summed every batch
+  control    the same Stage I with every target decoded from another pair's anchor: the LM
+             fine-tuned on the same texts for the same steps, with nothing to reconstruct
 Arms are paired by seed: a seed fixes Stage II's data order and LoRA initialisation in every arm.
 The first seed's baseline and ours are also scored at --curve points along Stage II (the paper's
 early-convergence claim); the reconstruction diagnostic (target loss given the true vs a shuffled
@@ -40,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # eval.py's bundled tasks
 ABLATIONS = {"q2d-only": ["--task-weights", "0", "1"], "d2q-only": ["--task-weights", "1", "0"],
-             "sum": ["--mode", "sum"]}
+             "sum": ["--mode", "sum"], "control": ["--shuffle-anchors"]}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],

@@ -502,3 +502,13 @@ def test_sink_decoding_by_hand(model, fmt, rows):
         x = torch.cat([W[sink][None], anchor[0][None]])[None]
         first = model.lm_head(model(inputs_embeds=x))[0, -1].argmax().item()
         assert bireco.reconstruct(model, anchor[:1], stop_id=-1, max_new=1, sink_id=sink) == [[first]]
+
+
+def test_shuffled_anchor_control(model, fmt, rows):
+    """Decoding(shuffle=True) is the loss given the anchors rolled by one: what the diagnostic's
+    "shuffled" measures, here as a training loss."""
+    anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(tgt, fmt.pad_id)
+    with torch.no_grad():
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, how=bireco.Decoding(shuffle=True)),
+                                   bireco.reconstruction_loss(model, anchor.roll(1, 0), t, m), **TOL)
