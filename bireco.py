@@ -269,6 +269,13 @@ class Decoding:
       weights: one set of weights still encodes and decodes).
     - sink_id (--sink): this token first, the anchor at position 1: position 0 is where a
       pretrained LM parks attention whatever the content (the attention sink).
+    - centre (--centre-anchors): the decoder reads each anchor minus the batch's mean anchor,
+      scaled to the mean norm of the token embeddings. Final-norm states share one large
+      direction (cosine ~0.92 between documents' anchors in SmolLM2, norm ~46 against ~3 for
+      token embeddings); left in, the gradient through the anchors moves them all together
+      towards one generic prompt for the decoder, and what tells pairs apart drowns. Centred, the
+      anchors' gradients sum to zero over the batch: only what one pair's anchor tells the
+      decoder more than the others' is trained. Diagnostics centre over their batch too.
     - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
       anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
       with nothing to reconstruct from."""
@@ -276,6 +283,20 @@ class Decoding:
     detach: bool = False
     sink_id: int | None = None
     shuffle: bool = False
+    centre: bool = False
+
+    def read(self, anchor, W):
+        """What the decoder reads of anchors (B, D), given the token embeddings W (V, D)."""
+        if not self.centre:
+            return anchor
+        a = anchor - anchor.mean(0, keepdim=True)
+        scale = W.detach().float().norm(dim=-1).mean()  # ~3 in SmolLM2
+        return a * (scale / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(a.dtype)
+
+    def at_inference(self) -> "Decoding":
+        """The options that shape what a trained decoder reads (sink, centring); the training-only
+        ones (dropout, detached weights, the shuffled control) off."""
+        return Decoding(sink_id=self.sink_id, centre=self.centre)
 
 
 PAPER = Decoding()
@@ -305,6 +326,7 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
         tok = tok * keep[..., None].to(tok.dtype)
     if how.shuffle:
         anchor = anchor.roll(1, dims=0)
+    anchor = how.read(anchor, W)
     x = _decoder_input(anchor, tok, None if how.sink_id is None else W[how.sink_id])  # (B, P + n-1, D)
     P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
     padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)
@@ -361,33 +383,33 @@ def _stage1_inputs(model, fmt, pairs, task):
 
 @torch.no_grad()
 def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
-                       sink_id: int | None = None):
+                       how: Decoding = PAPER):
     """Diagnostic: target loss per token given the true anchor vs given another pair's anchor
     (anchors rolled by one). A large gap means the [EOS] vector carries the other side's content.
-    sink_id: decode as a model trained with Decoding(sink_id=...) does."""
+    how: decode as a model trained with these options reads its anchors (Decoding.at_inference)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    how = Decoding(sink_id=sink_id)
+    how = how.at_inference()
     true = reconstruction_loss(model, anchor, targets, mask, how=how).item()
     shuffled = reconstruction_loss(model, anchor.roll(1, dims=0), targets, mask, how=how).item()
     return true, shuffled
 
 
 def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
-                             batch: int = 16, sink_id: int | None = None) -> tuple[float, float]:
+                             batch: int = 16, how: Decoding = PAPER) -> tuple[float, float]:
     """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
     it): the mean over batches of the true and of the shuffled anchor's loss."""
-    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task, sink_id) for i in range(0, len(pairs), batch)]
+    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task, how) for i in range(0, len(pairs), batch)]
     return sum(t for t, _ in gaps) / len(gaps), sum(s for _, s in gaps) / len(gaps)
 
 
 @torch.no_grad()
 def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, batch: int = 16,
-                  sink_id: int | None = None) -> dict[str, float]:
+                  how: Decoding = PAPER) -> dict[str, float]:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
     pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
     anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules
     out a decoder that merely breaks on a foreign vector. Mean over batches of each."""
-    sums, n, how = dict(true=0.0, shuffled=0.0, mean=0.0), 0, Decoding(sink_id=sink_id)
+    sums, n, how = dict(true=0.0, shuffled=0.0, mean=0.0), 0, how.at_inference()
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
         for name, a in (("true", anchor), ("shuffled", anchor.roll(1, dims=0)),
@@ -399,14 +421,16 @@ def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: 
 
 @torch.no_grad()
 def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
-                sink_id: int | None = None) -> list[list[int]]:
+                how: Decoding = PAPER) -> list[list[int]]:
     """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
-    them: [the sink,] the anchor, then the tokens chosen so far. One full forward pass per new
+    them (how.at_inference()): [the sink,] the anchor, then the tokens chosen so far. One full forward pass per new
     token (no cache: short outputs, readable code). Each row ends at `stop_id` (not returned) or
     after `max_new` tokens."""
     W = model.model.embed_tokens.weight
     no_tokens = W.new_zeros(len(anchor), 0, W.shape[1])
-    x = _decoder_input(anchor.to(W.device), no_tokens, None if sink_id is None else W[sink_id])  # (B, P, D)
+    how = how.at_inference()
+    anchor = how.read(anchor.to(W.device), W)
+    x = _decoder_input(anchor, no_tokens, None if how.sink_id is None else W[how.sink_id])  # (B, P, D)
     out, done = [[] for _ in range(len(x))], [False] * len(x)
     for _ in range(max_new):
         h = model(inputs_embeds=x)[:, -1]  # (B, D): the state that predicts the next token
@@ -423,7 +447,7 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
 
 @torch.no_grad()
 def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair], tokens: int = 32,
-                           width: int = 160, sink_id: int | None = None) -> list[str]:
+                           width: int = 160, how: Decoding = PAPER) -> list[str]:
     """Printable lines showing what the [EOS] vector remembers: for each pair its query and
     document, each regenerated greedily from the other side's vector (EBQ2D, EBD2Q) and from the
     next pair's vector ("shuffled"), each as long as its truth, at most `tokens` tokens (decoding
@@ -434,7 +458,7 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
                                   ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs])):
         lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths]
         anchor = embed_texts(model, fmt, sources)
-        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths), sink_id)
+        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths), how)
         rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
     lines = []
     for i, p in enumerate(pairs):

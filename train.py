@@ -114,6 +114,9 @@ parser.add_argument("--detach-decoder", action="store_true",
 parser.add_argument("--sink", action="store_true",
                     help="Stage I: the decoder input starts with the template's first token, so the anchor "
                     "sits at position 1, not at the attention sink (not in the paper; see bireco.py)")
+parser.add_argument("--centre-anchors", action="store_true",
+                    help="Stage I: the decoder reads each anchor minus the batch's mean, at the token embeddings' "
+                    "norm (not in the paper; see bireco.py)")
 parser.add_argument("--shuffle-anchors", action="store_true",
                     help="Stage I control: every target decodes from another pair's anchor (same texts and steps, "
                     "nothing to reconstruct from)")
@@ -366,7 +369,7 @@ def decoding(args, fmt) -> Decoding:
     the model's embedding template (<|im_start|>, <|begin_of_text|>), what position 0 holds when
     a text is embedded."""
     return Decoding(args.decoder_dropout, args.detach_decoder, fmt.head[0] if args.sink and fmt.head else None,
-                    args.shuffle_anchors)
+                    args.shuffle_anchors, args.centre_anchors)
 
 
 def recon_step(model, fmt, batch, micro, args, ctx):
@@ -491,14 +494,15 @@ def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
     return "training pairs", [p for v in data.values() for p in v][:2]
 
 
-def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None, sink_id=None):
+def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None, how=None):
     """Reconstructions of `pairs`, and the held-out gap on each of `gap_sets` ({dataset: pairs}),
-    decoded as Stage I decodes (sink_id: see bireco.Decoding)."""
+    decoded as Stage I decodes (how: bireco.Decoding)."""
+    how = how or Decoding()
     model.eval()
     counted = fmt.truncated  # the warning counts training texts, not these
     with ctx:
-        lines = reconstruction_samples(model, fmt, pairs, sink_id=sink_id)
-        gaps = {name: {task: anchor_losses(model, fmt, v, task, sink_id=sink_id) for task in ("d2q", "q2d")}
+        lines = reconstruction_samples(model, fmt, pairs, how=how)
+        gaps = {name: {task: anchor_losses(model, fmt, v, task, how=how) for task in ("d2q", "q2d")}
                 for name, v in (gap_sets or {}).items()}
     fmt.truncated = counted
     model.train()
@@ -527,7 +531,7 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "shuffle_anchors": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "shuffle_anchors": False, "centre_anchors": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
@@ -635,7 +639,7 @@ def main(argv=None):
         what, shown = sample_pairs(args.data, data)
         gap_sets = heldout_sets(args.data, args.gap_pairs) if args.gap_pairs > 0 else {}
         if step == 0:
-            print_samples(model, fmt, shown, what, 0, ctx, gap_sets, decoding(args, fmt).sink_id)
+            print_samples(model, fmt, shown, what, 0, ctx, gap_sets, decoding(args, fmt))
     start_step = first = step
     t0, window = time.time(), {}
     warned = 0
@@ -685,7 +689,7 @@ def main(argv=None):
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
-                print_samples(model, fmt, shown, what, step, ctx, gap_sets, decoding(args, fmt).sink_id)
+                print_samples(model, fmt, shown, what, step, ctx, gap_sets, decoding(args, fmt))
         if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after

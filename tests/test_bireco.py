@@ -501,7 +501,7 @@ def test_sink_decoding_by_hand(model, fmt, rows):
         torch.testing.assert_close(got, total / sum(map(len, tgt)), **TOL)
         x = torch.cat([W[sink][None], anchor[0][None]])[None]
         first = model.lm_head(model(inputs_embeds=x))[0, -1].argmax().item()
-        assert bireco.reconstruct(model, anchor[:1], stop_id=-1, max_new=1, sink_id=sink) == [[first]]
+        assert bireco.reconstruct(model, anchor[:1], stop_id=-1, max_new=1, how=bireco.Decoding(sink_id=sink)) == [[first]]
 
 
 def test_shuffled_anchor_control(model, fmt, rows):
@@ -512,3 +512,23 @@ def test_shuffled_anchor_control(model, fmt, rows):
     with torch.no_grad():
         torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, how=bireco.Decoding(shuffle=True)),
                                    bireco.reconstruction_loss(model, anchor.roll(1, 0), t, m), **TOL)
+
+
+def test_centred_anchors(model, fmt, rows):
+    """Decoding(centre=True) decodes from anchor - batch mean, scaled to the token embeddings' mean
+    norm; the diagnostics read the same way; the gradient through the anchors sums to zero over
+    the batch (a common shift of every anchor changes nothing)."""
+    anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(tgt, fmt.pad_id)
+    how = bireco.Decoding(centre=True)
+    W = model.model.embed_tokens.weight
+    with torch.no_grad():
+        c = anchor - anchor.mean(0)
+        want = c * (W.norm(dim=-1).mean() / c.norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor, t, m, how=how),
+                                   bireco.reconstruction_loss(model, want, t, m), **TOL)
+        torch.testing.assert_close(bireco.reconstruction_loss(model, anchor + 5.0, t, m, how=how),
+                                   bireco.reconstruction_loss(model, anchor, t, m, how=how), **TOL)
+    a = anchor.clone().requires_grad_()
+    (g,) = torch.autograd.grad(bireco.reconstruction_loss(model, a, t, m, how=how), a)
+    torch.testing.assert_close(g.sum(0), torch.zeros_like(g[0]), rtol=0, atol=1e-9)
