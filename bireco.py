@@ -447,21 +447,24 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
 
 @torch.no_grad()
 def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair], tokens: int = 32,
-                           width: int = 160, how: Decoding = PAPER) -> list[str]:
-    """Printable lines showing what the [EOS] vector remembers: for each pair its query and
-    document, each regenerated greedily from the other side's vector (EBQ2D, EBD2Q) and from the
-    next pair's vector ("shuffled"), each as long as its truth, at most `tokens` tokens (decoding
-    without a cache costs the square of the length)."""
+                           width: int = 160, how: Decoding = PAPER, show: int | None = None) -> list[str]:
+    """Printable lines showing what the [EOS] vector remembers: for each of the first `show` pairs
+    (default all) its query and document, each regenerated greedily from the other side's vector
+    (EBQ2D, EBD2Q) and from the next pair's vector ("shuffled"), each as long as its truth, at most
+    `tokens` tokens (decoding without a cache costs the square of the length). Every pair is
+    embedded: anchors are read (Decoding.read: centred) over all of them, as a training batch."""
     clip = lambda t: " ".join(t.split()) if len(t) <= width else " ".join(t.split())[:width - 3] + "..."
-    n, rows = len(pairs), {}
+    how, W = how.at_inference(), model.model.embed_tokens.weight
+    n, rows = show or len(pairs), {}
     for task, sources, truths in (("q2d", [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]),
                                   ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs])):
-        lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths]
-        anchor = embed_texts(model, fmt, sources)
-        out = reconstruct(model, torch.cat([anchor, anchor.roll(-1, dims=0)]), fmt.eos_id, max(lengths), how)
+        lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths[:n]]
+        anchor = how.read(embed_texts(model, fmt, sources), W)
+        out = reconstruct(model, torch.cat([anchor[:n], anchor.roll(-1, dims=0)[:n]]), fmt.eos_id, max(lengths),
+                          replace(how, centre=False))  # read already
         rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
     lines = []
-    for i, p in enumerate(pairs):
+    for i, p in enumerate(pairs[:n]):
         lines += [f"  query     {clip(p.query)}", f"  document  {clip(p.positive)}",
                   f"  EBQ2D     {clip(rows['q2d'][i])}", f"  shuffled  {clip(rows['q2d'][n + i])}",
                   f"  EBD2Q     {clip(rows['d2q'][i])}", f"  shuffled  {clip(rows['d2q'][n + i])}"]

@@ -141,7 +141,7 @@ parser.add_argument("--sample-every", type=int, default=50,
                     help="Stage I: print reconstructions of two held-out pairs and the held-out gap at the "
                     "start, every N steps (at a progress line) and at the end; 0 = never")
 parser.add_argument("--gap-pairs", type=int, default=16,
-                    help="Stage I: held-out pairs per dataset for the gap printed with the samples")
+                    help="Stage I: held-out pairs per dataset for the samples and the gap printed with them")
 
 # -----------------------------------------------------------------------------
 # LoRA: W x + (alpha / r) B A dropout(x), B initialised to zero so training starts at the base model
@@ -484,36 +484,35 @@ def heldout_sets(sources: list[str], n: int) -> dict[str, list[Pair]]:
     return sets
 
 
-def sample_pairs(sources: list[str], data: dict) -> tuple[str, list[Pair]]:
-    """Two fixed pairs to show reconstructions on: held-out pairs where there are such (one from
-    each of the first two datasets, or two from the only one), else the first two training pairs."""
-    sets = list(heldout_sets(sources, 2).values())
-    pairs = [v[0] for v in sets[:2]] if len(sets) > 1 else sum(sets, [])
-    if len(pairs) >= 2:
-        return "held-out pairs", pairs[:2]
-    return "training pairs", [p for v in data.values() for p in v][:2]
+def sample_sets(sources: list[str], data: dict, n: int) -> tuple[str, dict[str, list[Pair]]]:
+    """The pairs Stage I shows its progress on: n held-out pairs of each dataset that has a
+    validation split (heldout_sets), else the first n training pairs of each dataset."""
+    sets = heldout_sets(sources, n)
+    if sets:
+        return "held-out pairs", sets
+    return "training pairs", {name: pairs[:n] for name, pairs in data.items()}
 
 
-def print_samples(model, fmt, pairs, what, step, ctx, gap_sets=None, how=None):
-    """Reconstructions of `pairs`, and the held-out gap on each of `gap_sets` ({dataset: pairs}),
-    decoded as Stage I decodes (how: bireco.Decoding)."""
-    how = how or Decoding()
+def print_samples(model, fmt, sets, what, step, ctx, how):
+    """For each dataset in `sets` ({name: pairs}): its first pair regenerated both ways (decoded
+    with the whole set, as a batch, so centred anchors are centred as in training), and the gap
+    over the set, decoded as Stage I decodes (how: bireco.Decoding)."""
     model.eval()
     counted = fmt.truncated  # the warning counts training texts, not these
     with ctx:
-        lines = reconstruction_samples(model, fmt, pairs, how=how)
+        lines = [line for v in sets.values() for line in reconstruction_samples(model, fmt, v, how=how, show=1)]
         gaps = {name: {task: anchor_losses(model, fmt, v, task, how=how) for task in ("d2q", "q2d")}
-                for name, v in (gap_sets or {}).items()}
+                for name, v in sets.items() if len(v) > 1}
     fmt.truncated = counted
     model.train()
     print(f"samples at step {step} ({what}; each side regenerated from the other's [EOS] vector, "
-          "and from the other pair's):", *lines, sep="\n", flush=True)
+          "and from another pair's):", *lines, sep="\n")
     for name, by_task in gaps.items():
-        n = len(gap_sets[name])
-        print(f"held-out gap at step {step}, {name} ({n} pairs), nats/token: " + " | ".join(
-            f"{label} {g['shuffled'] - g['true']:+.3f} (true {g['true']:.3f}, shuffled {g['shuffled']:.3f}, "
-            f"mean anchor {g['mean']:.3f})" for label, g in (("EBD2Q", by_task["d2q"]), ("EBQ2D", by_task["q2d"]))),
-            flush=True)
+        print(f"{what} gap at step {step}, {name} ({len(sets[name])} pairs; target loss per token given "
+              "another pair's anchor minus given its own):")
+        print("  " + " | ".join(f"{label} {g['shuffled'] - g['true']:+.3f} (own {g['true']:.3f}, another's "
+                                f"{g['shuffled']:.3f}, mean {g['mean']:.3f})"
+                                for label, g in (("EBD2Q", by_task["d2q"]), ("EBQ2D", by_task["q2d"]))), flush=True)
 
 
 def main(argv=None):
@@ -636,10 +635,9 @@ def main(argv=None):
 
     samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0 and RANK == 0
     if samples:
-        what, shown = sample_pairs(args.data, data)
-        gap_sets = heldout_sets(args.data, args.gap_pairs) if args.gap_pairs > 0 else {}
+        what, shown = sample_sets(args.data, data, args.gap_pairs)
         if step == 0:
-            print_samples(model, fmt, shown, what, 0, ctx, gap_sets, decoding(args, fmt))
+            print_samples(model, fmt, shown, what, 0, ctx, decoding(args, fmt))
     start_step = first = step
     t0, window = time.time(), {}
     warned = 0
@@ -689,7 +687,7 @@ def main(argv=None):
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
-                print_samples(model, fmt, shown, what, step, ctx, gap_sets, decoding(args, fmt))
+                print_samples(model, fmt, shown, what, step, ctx, decoding(args, fmt))
         if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after

@@ -21,6 +21,7 @@ import torch
 from conftest import make_data_dir, wordnet_rows
 
 import train
+import bireco
 from bireco import contrastive_loss, embed
 from data import TextFormat, load_pairs, pad
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model
@@ -543,11 +544,32 @@ def test_resume_keeps_the_saved_settings_and_data(tiny_model_dir, tmp_path, caps
 
 
 def test_samples_come_from_the_held_out_splits():
-    """On the bundled datasets the Stage I samples are the first validation pair of each."""
+    """On the bundled datasets the Stage I samples and gaps come from the validation splits, the
+    first n pairs of each; on data without them, from the first training pairs."""
     from data import INSTRUCTIONS, split_pairs
 
     sources = [os.path.join(ROOT, name, "train") for name in ("wordnet", "manpages")]
-    what, pairs = train.sample_pairs(sources, load_pairs(*sources))
+    what, sets = train.sample_sets(sources, load_pairs(*sources), 3)
     assert what == "held-out pairs"
-    assert pairs == [split_pairs(os.path.join(ROOT, name, "validation"), INSTRUCTIONS[name], 1)[0]
-                     for name in ("wordnet", "manpages")]
+    assert sets == {name: split_pairs(os.path.join(ROOT, name, "validation"), INSTRUCTIONS[name], 3)
+                    for name in ("wordnet", "manpages")}
+
+
+def test_stage1_prints_the_held_out_gap(tiny_model_dir, tmp_path, capsys):
+    """Stage I on the bundled data prints, at each sample point, each dataset's gap: another
+    pair's anchor's loss minus the own one's, as bireco.anchor_losses measures it."""
+    from data import INSTRUCTIONS, split_pairs
+
+    sources = [os.path.join(ROOT, name, "train") for name in ("wordnet", "manpages")]
+    train.main(["--stage", "recon", "--model", tiny_model_dir, "--data", *sources, "--steps", "1",
+                "--batch-size", "2", "--gap-pairs", "4", "--dtype", "float32", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    heads = re.findall(r"^held-out pairs gap at step (\d+), (\w+) \(4 pairs", out, re.M)
+    assert heads == [("0", "wordnet"), ("0", "manpages"), ("1", "wordnet"), ("1", "manpages")]
+    model = load_model(str(tmp_path / "run" / "latest"))
+    tok, eos_ids = load_tokenizer(tiny_model_dir)
+    fmt = TextFormat(tok, eos_ids, 64)
+    pairs = split_pairs(os.path.join(ROOT, "manpages", "validation"), INSTRUCTIONS["manpages"], 4)
+    g = bireco.anchor_losses(model, fmt, pairs, "d2q")
+    last = out.strip().splitlines()[-3]  # the manpages line at step 1, then "saved", "done"
+    assert f"EBD2Q {g['shuffled'] - g['true']:+.3f} (own {g['true']:.3f}" in last
