@@ -302,6 +302,17 @@ class Decoding:
 PAPER = Decoding()
 
 
+def checkpoint_decoding(path: str, fmt: TextFormat) -> Decoding:
+    """How the decoder of a train.py Stage I checkpoint reads anchors (its meta.json's --sink and
+    --centre-anchors), so diagnostics decode as it trained; the paper's for any other folder."""
+    meta = os.path.join(path, "meta.json")
+    args = json.load(open(meta)).get("args", {}) if os.path.isfile(meta) else {}
+    if args.get("stage") != "recon":
+        return PAPER
+    return Decoding(sink_id=fmt.head[0] if args.get("sink") and fmt.head else None,
+                    centre=bool(args.get("centre_anchors")))
+
+
 def _decoder_input(anchor, tokens, sink=None):
     """anchor (B, D), tokens (B, m, D), sink (D,) or None -> [sink,] anchor, tokens: (B, P + m, D)."""
     x = torch.cat([anchor[:, None, :].to(tokens.dtype), tokens], dim=1)

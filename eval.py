@@ -252,18 +252,19 @@ def run_name(path: str) -> str:
 
 def reconstruction_report(path: str, names: list[str], n: int, device: str, dtype: torch.dtype):
     """--reconstruct N: what a checkpoint's [EOS] vectors remember, on the bundled held-out split."""
-    from bireco import reconstruction_samples, split_reconstruction_gap
+    from bireco import checkpoint_decoding, reconstruction_samples, split_reconstruction_gap
 
     embedder = Embedder.from_pretrained(path, device, dtype, args.max_length)
     model, fmt = embedder.model, embedder.fmt
+    how = checkpoint_decoding(path, fmt)  # as the checkpoint's Stage I decoded (sink, centred anchors)
     for name in names:
         folder = data.BUNDLED_TASKS[name]
         pairs = data.split_pairs(os.path.join(ROOT, folder, args.split), data.INSTRUCTIONS[folder])
         print(f"\n{run_name(path)} {name} ({args.split} split), {n} pairs: each side regenerated from the "
               "other's [EOS] vector, and from the next pair's")
-        print(*reconstruction_samples(model, fmt, pairs[:n + 1])[:6 * n], sep="\n")
+        print(*reconstruction_samples(model, fmt, pairs[:max(n + 1, 16)], how=how, show=n), sep="\n")
         for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
-            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task)
+            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=how)
             print(f"  {label} target loss per token over {len(pairs)} pairs: true anchor {true:.3f}, "
                   f"shuffled {shuffled:.3f}, gap {shuffled - true:.3f}")
 

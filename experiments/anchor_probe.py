@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bireco import Embedder, _decode, _stage1_inputs, target_cross_entropy  # noqa: E402
+from bireco import Embedder, _decode, _stage1_inputs, checkpoint_decoding, target_cross_entropy  # noqa: E402
 from data import INSTRUCTIONS, split_pairs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -29,9 +29,9 @@ parser.add_argument("--pairs", type=int, default=64, help="validation pairs per 
 parser.add_argument("--batch", type=int, default=16, help="pairs decoded together (anchors rolled within)")
 
 
-def position_losses(model, anchor, targets, mask):
+def position_losses(model, anchor, targets, mask, how):
     """Target loss per position (B, n), zero at padding."""
-    h, y = _decode(model, anchor, targets, mask)
+    h, y = _decode(model, anchor, targets, mask, how)
     out = torch.zeros(mask.shape)
     out[mask] = target_cross_entropy(model, h, y)[1].float()
     return out
@@ -40,6 +40,8 @@ def position_losses(model, anchor, targets, mask):
 @torch.no_grad()
 def probe(path, pairs_by_dataset, batch):
     model, fmt = (lambda e: (e.model, e.fmt))(Embedder.from_pretrained(path))
+    how = checkpoint_decoding(path, fmt)  # decoded as the checkpoint trained (sink, centred anchors)
+    print(f"decoding: {how}")
     for name, pairs in pairs_by_dataset.items():
         q = torch.cat([_stage1_inputs(model, fmt, pairs[i:i + batch], "q2d")[0] for i in range(0, len(pairs), batch)])
         d = torch.cat([_stage1_inputs(model, fmt, pairs[i:i + batch], "d2q")[0] for i in range(0, len(pairs), batch)])
@@ -56,7 +58,7 @@ def probe(path, pairs_by_dataset, batch):
                 m = mask.float()
                 for kind, a in (("true", anchor), ("shuffled", anchor.roll(1, 0)),
                                 ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
-                    loss = position_losses(model, a, targets, mask)
+                    loss = position_losses(model, a, targets, mask, how)
                     first, total = (loss[:, :3] * m[:, :3]).sum(0), (loss * m).sum()
                     s = sums.setdefault(kind, [torch.zeros(3), 0.0])
                     s[0] += first

@@ -92,7 +92,7 @@ def diagnostic(model_dir, split, n=64):
     """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task."""
     import torch
 
-    from bireco import Embedder, split_reconstruction_gap
+    from bireco import Embedder, checkpoint_decoding, split_reconstruction_gap
     from data import INSTRUCTIONS, split_pairs
 
     embedder = Embedder.from_pretrained(model_dir)
@@ -101,7 +101,7 @@ def diagnostic(model_dir, split, n=64):
         pairs = split_pairs(os.path.join(ROOT, name, split), INSTRUCTIONS[name], n)
         out[name] = {}
         for task in ("d2q", "q2d"):
-            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task)
+            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=checkpoint_decoding(model_dir, fmt))
             out[name][task] = {"true": true, "shuffled": shuffled}
     del model, embedder
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
