@@ -13,6 +13,10 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
   Gradients flow through the anchor into the pass that produced it.
 - Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
   all positives and hard negatives of the batch.
+- Stage I options that are not in the paper, off by default (Decoding): decoder word dropout, a
+  detached decoder, a sink token before the anchor, centred anchors, and the shuffled-anchor
+  control; they were tried because after the paper's Stage I at CPU scale the anchor carries
+  nothing the decoder reads.
 - A diagnostic the paper has no name for: the target loss given the true anchor versus a
   shuffled anchor from another pair, i.e. how much the [EOS] vector says about the other side.
 
@@ -259,7 +263,8 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
 @dataclass(frozen=True)
 class Decoding:
     """How Stage I's decoder pass reads the anchor. The defaults are the paper's; each other value
-    is a deviation, a train.py flag, chosen on validation evidence (experiments/README.md):
+    is a deviation, a train.py flag, off by default (what each did on held-out pairs:
+    experiments/README.md, "Why the [EOS] vector carries nothing after Stage I"):
     - word_dropout p (--decoder-dropout): each input token y_k is replaced by a zero vector with
       probability p, so the decoder predicts from the anchor and a thinned context (RetroMAE-style),
       not from the language prior alone. Training only: diagnostics and samples decode unthinned.
