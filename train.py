@@ -105,21 +105,17 @@ parser.add_argument("--task-weights", type=float, nargs=2, default=[0.8, 0.2], m
                     help="Stage I weights of EBD2Q and EBQ2D; 1 0 = EBD2Q only, 0 1 = EBQ2D only")
 parser.add_argument("--mode", choices=["interleave", "sum"], default="interleave",
                     help="Stage I: one task per batch at the weights' ratio, or both weighted on every batch")
-parser.add_argument("--decoder-dropout", type=float, default=0.0,
-                    help="Stage I: share of the decoder's input tokens replaced by zero vectors, so the "
-                    "targets must come from the anchor (not in the paper; see bireco.py)")
-parser.add_argument("--detach-decoder", action="store_true",
-                    help="Stage I: the decoder pass trains no weight; they learn only through the anchor, "
-                    "so the decoder cannot lower the loss without reading it (not in the paper; see bireco.py)")
-parser.add_argument("--sink", action="store_true",
-                    help="Stage I: the decoder input starts with the template's first token, so the anchor "
-                    "sits at position 1, not at the attention sink (not in the paper; see bireco.py)")
-parser.add_argument("--centre-anchors", action="store_true",
-                    help="Stage I: the decoder reads each anchor minus the batch's mean, at the token embeddings' "
-                    "norm (not in the paper; see bireco.py)")
-parser.add_argument("--shuffle-anchors", action="store_true",
-                    help="Stage I control: every target decodes from another pair's anchor (same texts and steps, "
-                    "nothing to reconstruct from)")
+stage1_decoder = parser.add_argument_group("Stage I decoder options, not in the paper (bireco.Decoding says why)")
+stage1_decoder.add_argument("--decoder-dropout", type=float, default=0.0,
+                            help="share of the decoder's input tokens replaced by zero vectors")
+stage1_decoder.add_argument("--detach-decoder", action="store_true",
+                            help="the decoder pass trains no weight: they learn only through the anchor")
+stage1_decoder.add_argument("--sink", action="store_true",
+                            help="the template's first token before the anchor, which then sits at position 1")
+stage1_decoder.add_argument("--centre-anchors", action="store_true",
+                            help="the decoder reads each anchor minus the batch's mean, at the token embeddings' norm")
+stage1_decoder.add_argument("--shuffle-anchors", action="store_true",
+                            help="a control: every target decodes from another pair's anchor (nothing to reconstruct)")
 parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
 parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
@@ -531,7 +527,9 @@ def main(argv=None):
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        args = argparse.Namespace(**{"mix": "size", "decoder_dropout": 0.0, "detach_decoder": False, "sink": False, "shuffle_anchors": False, "centre_anchors": False, "gap_pairs": 0, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
+        older = dict(mix="size", decoder_dropout=0.0, detach_decoder=False, sink=False, shuffle_anchors=False,
+                     centre_anchors=False, gap_pairs=0)  # what runs saved before these flags existed used
+        args = argparse.Namespace(**{**older, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
     else:
         for k, v in STAGE_DEFAULTS[args.stage].items():
             if getattr(args, k) is None:
