@@ -298,6 +298,15 @@ class Decoding:
         scale = W.detach().float().norm(dim=-1).mean()  # ~3 in SmolLM2
         return a * (scale / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(a.dtype)
 
+    @classmethod
+    def from_flags(cls, flags: dict, fmt: TextFormat) -> "Decoding":
+        """From train.py's flags (vars(args), or a checkpoint's meta.json "args"; flags an older run
+        lacks are off). The sink is the first token of the embedding template (<|im_start|>,
+        <|begin_of_text|>): what position 0 holds when a text is embedded."""
+        return cls(flags.get("decoder_dropout", 0.0), bool(flags.get("detach_decoder")),
+                   fmt.head[0] if flags.get("sink") and fmt.head else None,
+                   bool(flags.get("shuffle_anchors")), bool(flags.get("centre_anchors")))
+
     def at_inference(self) -> "Decoding":
         """The options that shape what a trained decoder reads (sink, centring); the training-only
         ones (dropout, detached weights, the shuffled control) off."""
@@ -312,10 +321,7 @@ def checkpoint_decoding(path: str, fmt: TextFormat) -> Decoding:
     --centre-anchors), so diagnostics decode as it trained; the paper's for any other folder."""
     meta = os.path.join(path, "meta.json")
     args = json.load(open(meta)).get("args", {}) if os.path.isfile(meta) else {}
-    if args.get("stage") != "recon":
-        return PAPER
-    return Decoding(sink_id=fmt.head[0] if args.get("sink") and fmt.head else None,
-                    centre=bool(args.get("centre_anchors")))
+    return Decoding.from_flags(args, fmt).at_inference() if args.get("stage") == "recon" else PAPER
 
 
 def _decoder_input(anchor, tokens, sink=None):
@@ -414,23 +420,24 @@ def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pa
                              batch: int = 16, how: Decoding = PAPER) -> tuple[float, float]:
     """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
     it): the mean over batches of the true and of the shuffled anchor's loss."""
-    gaps = [reconstruction_gap(model, fmt, pairs[i:i + batch], task, how) for i in range(0, len(pairs), batch)]
-    return sum(t for t, _ in gaps) / len(gaps), sum(s for _, s in gaps) / len(gaps)
+    losses = anchor_losses(model, fmt, pairs, task, batch, how, kinds=("true", "shuffled"))
+    return losses["true"], losses["shuffled"]
 
 
 @torch.no_grad()
 def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, batch: int = 16,
-                  how: Decoding = PAPER) -> dict[str, float]:
+                  how: Decoding = PAPER, kinds=("true", "shuffled", "mean")) -> dict[str, float]:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
     pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
     anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules
-    out a decoder that merely breaks on a foreign vector. Mean over batches of each."""
-    sums, n, how = dict(true=0.0, shuffled=0.0, mean=0.0), 0, how.at_inference()
+    out a decoder that merely breaks on a foreign vector. Mean over batches of each of `kinds`."""
+    sums, n, how = dict.fromkeys(kinds, 0.0), 0, how.at_inference()
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
         for name, a in (("true", anchor), ("shuffled", anchor.roll(1, dims=0)),
                         ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
-            sums[name] += reconstruction_loss(model, a, targets, mask, how=how).item()
+            if name in sums:
+                sums[name] += reconstruction_loss(model, a, targets, mask, how=how).item()
         n += 1
     return {k: v / n for k, v in sums.items()}
 

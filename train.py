@@ -362,11 +362,8 @@ def lr_at(step, args):
 
 
 def decoding(args, fmt) -> Decoding:
-    """Stage I's decoder options from the flags (bireco.Decoding); the sink is the first token of
-    the model's embedding template (<|im_start|>, <|begin_of_text|>), what position 0 holds when
-    a text is embedded."""
-    return Decoding(args.decoder_dropout, args.detach_decoder, fmt.head[0] if args.sink and fmt.head else None,
-                    args.shuffle_anchors, args.centre_anchors)
+    """Stage I's decoder options from the flags (bireco.Decoding)."""
+    return Decoding.from_flags(vars(args), fmt)
 
 
 def recon_step(model, fmt, batch, micro, args, ctx):
