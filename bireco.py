@@ -1,6 +1,7 @@
 """
-The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction losses
-(EBQ2D and EBD2Q) and the Stage II contrastive loss.
+The method of arXiv 2509.03020, top to bottom as the paper goes: [EOS] embeddings, the two
+Stage I reconstruction losses (EBQ2D and EBD2Q), the Stage II contrastive loss and the step that
+fits its large batch, then the diagnostic of what the [EOS] vector carries.
 
 - Embedding E(text): the final-norm hidden state at the text's last token, the EOS / end-of-turn
   token that data.TextFormat appends (last-token pooling; mean pooling only for ablations).
@@ -12,7 +13,8 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
   chunk's gradient is taken right after its loss, so no logits are kept for backward.
   Gradients flow through the anchor into the pass that produced it.
 - Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
-  all positives and hard negatives of the batch.
+  all positives and hard negatives of the batch. The step embeds the batch in passes of bounded
+  size and, when they do not fit at once, as a cached step (GradCache): the same gradient.
 - Stage I options that are not in the paper, off by default (Decoding): decoder word dropout, a
   detached decoder, a sink token before the anchor, centred anchors, and the shuffled-anchor
   control; they were tried because after the paper's Stage I at CPU scale the anchor carries
@@ -21,37 +23,22 @@ The method of arXiv 2509.03020: [EOS] embeddings, the two Stage I reconstruction
   shuffled anchor from another pair, i.e. how much the [EOS] vector says about the other side.
 
 Shapes: B batch, T tokens, D hidden size, V vocabulary, N target tokens in a batch.
+Left out (elsewhere): the training loop, LoRA and checkpoints (train.py), the text format
+(data.py), the model (model.py), the choice of dtype (hardware.py).
 """
 
 import json
+import math
 import os
-import re
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Pair, TextFormat, pad, task_instructions
+from data import Pair, TextFormat, pad
 from model import Transformer, load_model, load_tokenizer
-
-def auto_dtype(device, cpuinfo: str | None = None, capability: str | None = None) -> torch.dtype:
-    """The compute dtype a device runs fastest without losing training quality: bf16 on CUDA and on
-    CPUs with bf16 matrix units (AMX or AVX512-BF16, read from /proc/cpuinfo) whose AVX-512
-    kernels torch uses (torch's CPU capability: ATEN_CPU_CAPABILITY=avx2 or default turns them
-    off, and torch's bf16 matmuls then fail there); fp32 on other CPUs, where bf16 matmuls are
-    emulated and run many times slower than fp32."""
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    if (capability or torch.backends.cpu.get_cpu_capability()) != "AVX512":
-        return torch.float32
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return torch.float32
-    return torch.bfloat16 if re.search(r"\b(amx_bf16|avx512_bf16)\b", cpuinfo) else torch.float32
 
 
 # -----------------------------------------------------------------------------
@@ -125,58 +112,6 @@ class Embedder:
                 e = F.normalize(e, dim=-1)
             out[rows] = e.cpu().numpy()
         return out
-
-
-def st_prompts(instructions: dict[str, str]) -> dict[str, str]:
-    """sentence-transformers prompts under the keys mteb looks up, giving eval.py's convention: a
-    task's documents get nothing ("{task}-document"), its queries and the texts of tasks without
-    queries and documents get "Instruct: {instruction}\nQuery: " ("{task}-query", "{task}")."""
-    prompts = {}
-    for task, instruction in instructions.items():
-        prompts |= {f"{task}-query": f"Instruct: {instruction}\nQuery: ", f"{task}-document": "",
-                    task: f"Instruct: {instruction}\nQuery: "}
-    return prompts
-
-
-def save_sentence_transformers(path: str, fmt: TextFormat, dim: int, max_length: int = 512):
-    """Makes the model folder `path` load as sentence_transformers.SentenceTransformer(path) and
-    embed as Embedder does: its tokenizer.json gets a post-processor that wraps every text in the
-    user-turn template and the EOS (so the instruction and the text are one string, tokenized in
-    one piece, as in TextFormat); then last-token pooling and normalisation; prompts as st_prompts."""
-    from tokenizers import Tokenizer
-    from tokenizers.processors import TemplateProcessing
-
-    tok = Tokenizer.from_str(fmt.tok.to_str())  # a copy: fmt's tokenizer stays as it is
-    eos = tok.id_to_token(fmt.eos_id)
-    head = [dict(id="[TEMPLATE]", ids=fmt.head, tokens=[tok.id_to_token(i) for i in fmt.head])] if fmt.head else []
-    single = ("[TEMPLATE] " if head else "") + f"$A {eos}"
-    tok.post_processor = TemplateProcessing(single=single, pair=f"{single} $B:1 {eos}:1",
-                                            special_tokens=head + [(eos, fmt.eos_id)])
-    tok.save(os.path.join(path, "tokenizer.json"))
-    config_path = os.path.join(path, "tokenizer_config.json")
-    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, eos_token=eos,
-                  pad_token=eos, padding_side="right")  # the class that takes tokenizer.json as it is
-    files = {
-        "tokenizer_config.json": config,
-        "modules.json": [
-            dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
-            dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
-            dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize")],
-        "sentence_bert_config.json": dict(max_seq_length=max_length, do_lower_case=False),
-        "1_Pooling/config.json": dict(word_embedding_dimension=dim, pooling_mode_cls_token=False,
-                                      pooling_mode_mean_tokens=False, pooling_mode_max_tokens=False,
-                                      pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
-                                      pooling_mode_lasttoken=True, include_prompt=True),
-        "config_sentence_transformers.json": dict(
-            prompts=st_prompts(task_instructions()),
-            default_prompt_name=None, similarity_fn_name="cosine"),
-    }
-    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
-    os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
-    for name, content in files.items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(content, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -403,6 +338,105 @@ def _stage1_inputs(model, fmt, pairs, task):
     return anchor, targets, mask
 
 
+# -----------------------------------------------------------------------------
+# Stage II: contrastive learning
+
+
+def contrastive_loss(q, p, n=None, temperature: float = 0.02):
+    """InfoNCE over cosine similarity. q, p (B, D); n (B', D) hard negatives or None.
+    Query i's candidates are all B positives and all B' negatives; its target is p_i.
+    Returns (loss, negatives per query = B - 1 + B')."""
+    q, cands = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(p), dim=-1)
+    if n is not None:
+        cands = torch.cat([cands, F.normalize(at_least_fp32(n), dim=-1)])
+    scores = q @ cands.T / temperature  # (B, B + B')
+    labels = torch.arange(q.shape[0], device=q.device)
+    return F.cross_entropy(scores, labels), cands.shape[0] - 1
+
+
+def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Splits texts of these token lengths into passes of at most `budget` padded tokens each (texts
+    x its longest; a longer text goes alone) with the least padding: the texts sorted by length,
+    cut where the cuts minimise the padded tokens plus budget / 16 for each pass (one more pass
+    pays where it saves that much padding). Dynamic programming over the cut points."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n, per_pass = len(order), budget // 16
+    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: the first j sorted texts, cut[j]: their last pass's start
+    for j in range(1, n + 1):
+        width = lengths[order[j - 1]]  # the longest of a pass ending at j
+        i = j - 1
+        while i >= 0 and ((j - i) * width <= budget or i == j - 1):
+            c = cost[i] + (j - i) * width + per_pass
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+            i -= 1
+    chunks, j = [], n
+    while j > 0:
+        chunks.append(order[cut[j]:j])
+        j = cut[j]
+    return chunks[::-1]
+
+
+def padded_size(lengths: list[int], chunks: list[list[int]]) -> int:
+    """Tokens the passes `chunks` (token_chunks) run, padding included: each pass x its longest."""
+    return sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+
+
+def contrastive_step(model: Transformer, fmt: TextFormat, batch: list[Pair], chunk: int = 8192,
+                     temperature: float = 0.02, ctx=nullcontext(), scale: float = 1.0, gather=None):
+    """Stage II on one batch: embeds queries, positives and hard negatives, takes the InfoNCE loss
+    and back-propagates loss * scale into the model. Returns (loss, negatives per query).
+
+    The paper's batch of 1,024 pairs (3,072 texts) does not fit one pass with autograd, so the
+    texts go in passes of at most `chunk` padded tokens (token_chunks), as a cached step: pass 1
+    embeds every chunk without autograd; the loss over all embeddings gives d loss / d embedding;
+    pass 2 re-runs each chunk with autograd (the same dropout masks: the RNG state of pass 1) and
+    back-propagates that gradient. Same gradient, one chunk's activations at a time. A batch
+    that fits in `chunk` tokens is one plain pass. ctx: the autocast context of the passes.
+    gather: under data parallelism, reps (this process's) -> the global batch's, in its order."""
+    items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
+             + [(None, p.negative) for p in batch if p.negative is not None])
+    seqs = [fmt.embed_ids(text, instruction) for instruction, text in items]
+    lengths = [len(s) for s in seqs]
+    chunks = token_chunks(lengths, chunk)
+    embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
+    sections = len(items) // len(batch)  # queries, positives (, negatives)
+    order = torch.tensor([i for c in chunks for i in c]).argsort()  # the chunks' order -> the batch's
+
+    def loss_of(reps):  # (3B, D) in the batch's order
+        if gather is not None:
+            reps = gather(reps, sections)
+        q, p, *n = reps.chunk(sections)
+        return contrastive_loss(q, p, n[0] if n else None, temperature)
+
+    if padded_size(lengths, chunks) <= chunk and gather is None:  # the plain step
+        with ctx:
+            loss, negatives = loss_of(torch.cat([embed_chunk(c) for c in chunks])[order])
+        (loss * scale).backward()
+        return loss.item(), negatives
+    rng, reps = [], []
+    with torch.no_grad():  # pass 1: every embedding, no activations kept
+        for c in chunks:
+            rng.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+            with ctx:
+                reps.append(embed_chunk(c))
+    reps = torch.cat(reps).requires_grad_()  # (3B, D), in the chunks' order
+    loss, negatives = loss_of(reps[order])
+    (loss * scale).backward()  # d loss / d embeddings
+    for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split([len(c) for c in chunks])):
+        torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with ctx:
+            e = embed_chunk(c)
+        e.backward(g)  # pass 2: re-run the chunk with autograd, inject the cached gradient
+    return loss.item(), negatives
+
+
+# -----------------------------------------------------------------------------
+# Diagnostics: what the [EOS] vector carries
+
+
 @torch.no_grad()
 def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
                        how: Decoding = PAPER):
@@ -494,42 +528,22 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
     return lines
 
 
-# -----------------------------------------------------------------------------
-# Stage II: contrastive learning
-
-
-def contrastive_loss(q, p, n=None, temperature: float = 0.02):
-    """InfoNCE over cosine similarity. q, p (B, D); n (B', D) hard negatives or None.
-    Query i's candidates are all B positives and all B' negatives; its target is p_i.
-    Returns (loss, negatives per query = B - 1 + B')."""
-    q, cands = F.normalize(at_least_fp32(q), dim=-1), F.normalize(at_least_fp32(p), dim=-1)
-    if n is not None:
-        cands = torch.cat([cands, F.normalize(at_least_fp32(n), dim=-1)])
-    scores = q @ cands.T / temperature  # (B, B + B')
-    labels = torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(scores, labels), cands.shape[0] - 1
-
-
-if __name__ == "__main__":
-    import argparse
-    import shutil
-
-    parser = argparse.ArgumentParser(description="Copy a model folder (default: the embedded SmolLM2-135M-"
-                                     "Instruct) into OUT as a folder sentence-transformers loads; train.py's "
-                                     "checkpoints are such folders already.")
-    parser.add_argument("out")
-    parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama / Qwen)")
-    args = parser.parse_args()
-    if args.model is None:
-        from smollm2 import default_model_dir
-        args.model = default_model_dir()
-    model_files = [f for f in os.listdir(args.model) if f.endswith((".safetensors", ".json"))]
-    os.makedirs(args.out, exist_ok=True)
-    for f in model_files:
-        shutil.copy(os.path.join(args.model, f), args.out)
-    tokenizer, eos_ids = load_tokenizer(args.out)
-    with open(os.path.join(args.out, "config.json")) as f:
-        dim = json.load(f)["hidden_size"]
-    save_sentence_transformers(args.out, TextFormat(tokenizer, eos_ids), dim)
-    print(f"{args.out}: SentenceTransformer({args.out!r}) loads it")
-
+def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]], how: Decoding = PAPER,
+                   show: int = 1, what: str = "held-out pairs", at: str = "") -> list[str]:
+    """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
+    its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
+    the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
+    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: e.g. " at step 50"."""
+    lines = [f"samples{at} ({what}; each side regenerated from the other's [EOS] vector, and from another pair's):"]
+    for pairs in sets.values():
+        lines += reconstruction_samples(model, fmt, pairs[:max(show + 1, 16)], how=how, show=show)
+    for name, pairs in sets.items():
+        if len(pairs) < 2:
+            continue
+        g = {task: anchor_losses(model, fmt, pairs, task, how=how) for task in ("d2q", "q2d")}
+        lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given another pair's "
+                  "anchor minus given its own):",
+                  "  " + " | ".join(f"{label} {x['shuffled'] - x['true']:+.3f} (own {x['true']:.3f}, another's "
+                                    f"{x['shuffled']:.3f}, mean {x['mean']:.3f})"
+                                    for label, x in (("EBD2Q", g["d2q"]), ("EBQ2D", g["q2d"])))]
+    return lines

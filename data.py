@@ -20,6 +20,7 @@ import gzip
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -173,7 +174,7 @@ class TextFormat:
         else:
             opening, self.eos_id = "", eos_ids[0]
         # what the tokenizer's own post-processor puts around a text: nothing, Llama-3's
-        # <|begin_of_text|>, or the whole template where bireco.save_sentence_transformers wrote it
+        # <|begin_of_text|>, or the whole template where save_sentence_transformers wrote it
         probe, full = self.ids("x"), tokenizer.encode("x", add_special_tokens=True).ids
         at = next(i for i in range(len(full)) if full[i:i + len(probe)] == probe)
         before, after = full[:at], full[at + len(probe):]
@@ -237,6 +238,55 @@ def split_pairs(folder: str, instruction: str | None, n: int | None = None) -> l
     queries, corpus, qrels = read_split(folder)
     return [Pair(queries[q], corpus[d], None, instruction)
             for q, relevant in list(qrels.items())[:n] for d in relevant][:n]
+
+
+def bm25_ndcg10(folder: str, k1: float = 1.5, b: float = 0.75) -> float:
+    """nDCG@10 of BM25 (lowercased word tokens, no stemming) on a bundled split: the lexical bar."""
+    import numpy as np
+
+    queries, corpus, qrels = read_split(folder)
+    words = lambda text: re.findall(r"\w+", text.lower())
+    ids, docs = list(corpus), [words(corpus[d]) for d in corpus]
+    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
+    tf = np.zeros((len(docs), len(vocab)))
+    for i, d in enumerate(docs):
+        for w in d:
+            tf[i, vocab[w]] += 1
+    df = (tf > 0).sum(0)
+    idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
+    length = tf.sum(1, keepdims=True)
+    weight = idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / length.mean()))  # (docs, vocab)
+    total = 0.0
+    for q, rel in qrels.items():
+        terms = [vocab[w] for w in words(queries[q]) if w in vocab]
+        ranking = np.argsort(-weight[:, terms].sum(1), kind="stable")[:10]
+        gains = [rel.get(ids[i], 0) for i in ranking]
+        ideal = sorted(rel.values(), reverse=True)[:10]
+        dcg = lambda g: sum(x / np.log2(r + 2) for r, x in enumerate(g))
+        total += dcg(gains) / dcg(ideal)
+    return total / len(qrels)
+
+
+def heldout_sets(sources: list[str], n: int) -> dict[str, list[Pair]]:
+    """Up to n pairs of the validation split beside each training folder that has one (the bundled
+    datasets: <name>/train beside <name>/validation), by dataset name."""
+    sets = {}
+    for source in sources:
+        source = os.path.normpath(source)
+        held_out = os.path.join(os.path.dirname(source), "validation")
+        if os.path.basename(source) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
+            instruction = next(iter(load_pairs(source).values()))[0].instruction
+            sets[os.path.basename(os.path.dirname(source))] = split_pairs(held_out, instruction, n)
+    return sets
+
+
+def sample_sets(sources: list[str], data: dict, n: int) -> tuple[str, dict[str, list[Pair]]]:
+    """The pairs Stage I shows its progress on: n held-out pairs of each dataset that has a
+    validation split (heldout_sets), else the first n training pairs of each dataset."""
+    sets = heldout_sets(sources, n)
+    if sets:
+        return "held-out pairs", sets
+    return "training pairs", {name: pairs[:n] for name, pairs in data.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -306,3 +356,85 @@ def stage1_task(step: int, w_d2q: float, w_q2d: float) -> str:
     and the pattern is d2q d2q d2q d2q q2d, repeated."""
     p = Fraction(w_q2d / (w_d2q + w_q2d)).limit_denominator(100)
     return "q2d" if (step + 1) * p // 1 > step * p // 1 else "d2q"
+
+
+# -----------------------------------------------------------------------------
+# The text format as sentence-transformers reads it
+
+
+def st_prompts(instructions: dict[str, str]) -> dict[str, str]:
+    """sentence-transformers prompts under the keys mteb looks up, giving eval.py's convention: a
+    task's documents get nothing ("{task}-document"), its queries and the texts of tasks without
+    queries and documents get "Instruct: {instruction}\nQuery: " ("{task}-query", "{task}")."""
+    prompts = {}
+    for task, instruction in instructions.items():
+        prompts |= {f"{task}-query": f"Instruct: {instruction}\nQuery: ", f"{task}-document": "",
+                    task: f"Instruct: {instruction}\nQuery: "}
+    return prompts
+
+
+def save_sentence_transformers(path: str, fmt: TextFormat, dim: int, max_length: int = 512):
+    """Makes the model folder `path` load as sentence_transformers.SentenceTransformer(path) and
+    embed as Embedder does: its tokenizer.json gets a post-processor that wraps every text in the
+    user-turn template and the EOS (so the instruction and the text are one string, tokenized in
+    one piece, as in TextFormat); then last-token pooling and normalisation; prompts as st_prompts."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer.from_str(fmt.tok.to_str())  # a copy: fmt's tokenizer stays as it is
+    eos = tok.id_to_token(fmt.eos_id)
+    head = [dict(id="[TEMPLATE]", ids=fmt.head, tokens=[tok.id_to_token(i) for i in fmt.head])] if fmt.head else []
+    single = ("[TEMPLATE] " if head else "") + f"$A {eos}"
+    tok.post_processor = TemplateProcessing(single=single, pair=f"{single} $B:1 {eos}:1",
+                                            special_tokens=head + [(eos, fmt.eos_id)])
+    tok.save(os.path.join(path, "tokenizer.json"))
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, eos_token=eos,
+                  pad_token=eos, padding_side="right")  # the class that takes tokenizer.json as it is
+    files = {
+        "tokenizer_config.json": config,
+        "modules.json": [
+            dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
+            dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
+            dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize")],
+        "sentence_bert_config.json": dict(max_seq_length=max_length, do_lower_case=False),
+        "1_Pooling/config.json": dict(word_embedding_dimension=dim, pooling_mode_cls_token=False,
+                                      pooling_mode_mean_tokens=False, pooling_mode_max_tokens=False,
+                                      pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
+                                      pooling_mode_lasttoken=True, include_prompt=True),
+        "config_sentence_transformers.json": dict(
+            prompts=st_prompts(task_instructions()),
+            default_prompt_name=None, similarity_fn_name="cosine"),
+    }
+    os.makedirs(os.path.join(path, "1_Pooling"), exist_ok=True)
+    os.makedirs(os.path.join(path, "2_Normalize"), exist_ok=True)
+    for name, content in files.items():
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f, indent=2)
+
+
+if __name__ == "__main__":
+    import argparse
+    import shutil
+
+    from model import load_tokenizer
+    from smollm2 import default_model_dir
+
+    parser = argparse.ArgumentParser(description="Copy a model folder (default: the embedded SmolLM2-135M-"
+                                     "Instruct) into OUT as a folder sentence-transformers loads; train.py's "
+                                     "checkpoints are such folders already.")
+    parser.add_argument("out")
+    parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama / Qwen)")
+    args = parser.parse_args()
+    args.model = args.model or default_model_dir()
+    model_files = [f for f in os.listdir(args.model) if f.endswith((".safetensors", ".json"))]
+    os.makedirs(args.out, exist_ok=True)
+    for f in model_files:
+        shutil.copy(os.path.join(args.model, f), args.out)
+    tokenizer, eos_ids = load_tokenizer(args.out)
+    with open(os.path.join(args.out, "config.json")) as f:
+        dim = json.load(f)["hidden_size"]
+    save_sentence_transformers(args.out, TextFormat(tokenizer, eos_ids), dim)
+    print(f"{args.out}: SentenceTransformer({args.out!r}) loads it")
+

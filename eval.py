@@ -33,7 +33,9 @@ import time
 from math import nan
 from urllib.parse import urlparse
 
+import hardware  # first: the OpenMP wait policy, before torch loads
 import data  # torch, not mteb: mteb reads HF_HUB_OFFLINE at import
+from smollm2 import default_model_dir
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 METRICS = ["ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"]  # retrieval rows
@@ -81,7 +83,6 @@ if __name__ == "__main__":
         print("note: the Hugging Face hub is unreachable; only data in the local cache can be used")
         os.environ["HF_HUB_OFFLINE"] = "1"
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as train.py: no spinning OpenMP threads on a shared CPU
 import mteb  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -94,7 +95,7 @@ from mteb.models import ModelMeta  # noqa: E402
 from mteb.models.abs_encoder import AbsEncoder  # noqa: E402
 from mteb.types import PromptType  # noqa: E402
 
-from bireco import Embedder, auto_dtype  # noqa: E402
+from bireco import Embedder, checkpoint_decoding, heldout_report  # noqa: E402
 
 INSTRUCTIONS = data.task_instructions()
 
@@ -157,33 +158,6 @@ class ManPageRetrieval(BundledRetrieval):
 
 
 TASKS = {cls.metadata.name: cls for cls in (WordNetSenseRetrieval, ManPageRetrieval)}
-
-
-def bm25_ndcg10(folder: str, k1: float = 1.5, b: float = 0.75) -> float:
-    """nDCG@10 of BM25 (lowercased word tokens, no stemming) on a bundled split: the lexical bar."""
-    import numpy as np
-
-    queries, corpus, qrels = data.read_split(folder)
-    words = lambda text: re.findall(r"\w+", text.lower())
-    ids, docs = list(corpus), [words(corpus[d]) for d in corpus]
-    vocab = {w: i for i, w in enumerate(sorted({w for d in docs for w in d}))}
-    tf = np.zeros((len(docs), len(vocab)))
-    for i, d in enumerate(docs):
-        for w in d:
-            tf[i, vocab[w]] += 1
-    df = (tf > 0).sum(0)
-    idf = np.log(1 + (len(docs) - df + 0.5) / (df + 0.5))
-    length = tf.sum(1, keepdims=True)
-    weight = idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * length / length.mean()))  # (docs, vocab)
-    total = 0.0
-    for q, rel in qrels.items():
-        terms = [vocab[w] for w in words(queries[q]) if w in vocab]
-        ranking = np.argsort(-weight[:, terms].sum(1), kind="stable")[:10]
-        gains = [rel.get(ids[i], 0) for i in ranking]
-        ideal = sorted(rel.values(), reverse=True)[:10]
-        dcg = lambda g: sum(x / np.log2(r + 2) for r, x in enumerate(g))
-        total += dcg(gains) / dcg(ideal)
-    return total / len(qrels)
 
 
 class Encoder(AbsEncoder):
@@ -250,23 +224,15 @@ def run_name(path: str) -> str:
     return os.path.basename(path)
 
 
-def reconstruction_report(path: str, names: list[str], n: int, device: str, dtype: torch.dtype):
-    """--reconstruct N: what a checkpoint's [EOS] vectors remember, on the bundled held-out split."""
-    from bireco import checkpoint_decoding, reconstruction_samples, split_reconstruction_gap
-
-    embedder = Embedder.from_pretrained(path, device, dtype, args.max_length)
-    model, fmt = embedder.model, embedder.fmt
-    how = checkpoint_decoding(path, fmt)  # as the checkpoint's Stage I decoded (sink, centred anchors)
-    for name in names:
-        folder = data.BUNDLED_TASKS[name]
-        pairs = data.split_pairs(os.path.join(ROOT, folder, args.split), data.INSTRUCTIONS[folder])
-        print(f"\n{run_name(path)} {name} ({args.split} split), {n} pairs: each side regenerated from the "
-              "other's [EOS] vector, and from the next pair's")
-        print(*reconstruction_samples(model, fmt, pairs[:max(n + 1, 16)], how=how, show=n), sep="\n")
-        for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
-            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=how)
-            print(f"  {label} target loss per token over {len(pairs)} pairs: true anchor {true:.3f}, "
-                  f"shuffled {shuffled:.3f}, gap {shuffled - true:.3f}")
+def reconstruction_report(path: str, names: list[str], n: int, args):
+    """--reconstruct N: what a checkpoint's [EOS] vectors carry on the bundled tasks' --split:
+    N pairs regenerated both ways and the gap over the whole split (bireco.heldout_report)."""
+    embedder = Embedder.from_pretrained(path, args.device, args.dtype, args.max_length)
+    sets = {name: data.split_pairs(os.path.join(ROOT, data.BUNDLED_TASKS[name], args.split),
+                                   data.INSTRUCTIONS[data.BUNDLED_TASKS[name]]) for name in names}
+    how = checkpoint_decoding(path, embedder.fmt)  # as the checkpoint's Stage I decoded
+    print(f"\n{run_name(path)}:", *heldout_report(embedder.model, embedder.fmt, sets, how, n, f"{args.split} pairs"),
+          sep="\n")
 
 
 def add_average(scores: dict, tasks: list, columns: list[str]):
@@ -290,17 +256,15 @@ def main(args):
             TASKS[n](args.split) if n in TASKS else mteb.get_task(n) for n in args.tasks]
     except KeyError as e:
         sys.exit(f"eval.py: {e.args[0]}")
-    if args.model is None:
-        from smollm2 import default_model_dir
-        args.model = [default_model_dir()]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    args.model = args.model or [default_model_dir()]
+    args.device = device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.dtype = dtype = hardware.auto_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.reconstruct:
         names = [t.metadata.name for t in tasks if t.metadata.name in TASKS]
         if not names:
             sys.exit("eval.py: --reconstruct reads the held-out pairs of the bundled tasks; none is among --tasks")
         for path in args.model:
-            reconstruction_report(path, names, args.reconstruct, device, dtype)
+            reconstruction_report(path, names, args.reconstruct, args)
         return
     try:  # a folder results cannot be written to fails now, before any encoding
         os.makedirs(args.output, exist_ok=True)
@@ -349,7 +313,7 @@ def main(args):
 
     bundled = [t for t in tasks if t.metadata.name in TASKS]
     for task in bundled:  # the lexical bar beside the models
-        scores[(task.metadata.name, "ndcg_at_10")]["BM25"] = bm25_ndcg10(task.path)
+        scores[(task.metadata.name, "ndcg_at_10")]["BM25"] = data.bm25_ndcg10(task.path)
     columns += ["BM25"] if bundled else []
     add_average(scores, tasks, columns)
     width, cols = max(len(f"{t} {m}") for t, m in scores) + 2, [max(12, len(c) + 2) for c in columns]

@@ -3,26 +3,21 @@ The two training stages of arXiv 2509.03020, one linear loop.
 
   python train.py --stage recon                      # Stage I: EBQ2D + EBD2Q, full fine-tune
   python train.py --stage contrastive --model DIR    # Stage II: InfoNCE with LoRA (from Stage I)
-  python train.py --stage contrastive                # the paper's baseline: Stage II on the base model
-  torchrun --nproc_per_node=8 train.py ...           # data-parallel, --batch-size stays the global batch
+  python train.py --stage contrastive                # the paper's baseline: Stage II, base model
+  torchrun --nproc_per_node=8 train.py ...           # data-parallel; --batch-size: the global batch
 
-Stage I interleaves whole batches of EBD2Q and EBQ2D at the ratio of the task weights (or sums
-both losses on every batch with --mode sum, as the official code does). Stage II embeds the
-whole contrastive batch in chunks without autograd (texts of similar length together, at most
---chunk padded tokens a pass), takes the loss and its gradient with respect to the embeddings,
-then re-runs each chunk with autograd and back-propagates that gradient (a cached step), so one
-device holds the paper's large batch of in-batch negatives. A batch whose passes hold --chunk
-padded tokens or fewer in all is one plain step (its passes with autograd, one backward): no
-second forward.
+The losses and the Stage II step are bireco.py's; this file holds what training needs around them:
+the settings with each stage's defaults, LoRA, the learning-rate schedule, checkpoints and the
+data-parallel plumbing. Stage I interleaves whole batches of EBD2Q and EBQ2D at the ratio of the
+task weights (or sums both losses on every batch with --mode sum, as the official code does).
 
 Every checkpoint is a plain model folder (HF-named safetensors, config.json, tokenizer files,
-meta.json) that model.load_model, eval.py and transformers read; LoRA is merged on save.
-Checkpoints are written to a new folder and then published by an atomic rename of the
+meta.json) that model.load_model, eval.py, transformers and sentence-transformers read; LoRA is
+merged on save. A checkpoint is written to a new folder and published by an atomic rename of the
 `latest` link, so a kill mid-save leaves the previous checkpoint intact.
-Data-parallel under torchrun (torchrun --nproc_per_node=N train.py ...): every rank draws the same
-global batch and takes its slice; Stage II gathers the embeddings of all slices, so each query
-meets the whole global batch; gradients are summed across ranks once per optimizer step; rank 0
-prints and writes the checkpoints.
+Under torchrun every rank draws the same global batch and takes its slice; Stage II gathers the
+embeddings of all slices, so each query meets the whole global batch; gradients are summed across
+ranks once per optimizer step; rank 0 prints and writes the checkpoints.
 Left out: mixed-precision master weights other than fp32 + autocast, dataloader worker processes.
 """
 
@@ -37,19 +32,18 @@ import subprocess
 import sys
 import time
 
-# OpenMP threads that spin while waiting made steps 5-9x slower on a shared CPU; a user's own
-# setting wins (set before torch loads its OpenMP runtime)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
+import hardware  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import SafetensorError
 
-from bireco import (Decoding, anchor_losses, at_least_fp32, auto_dtype, contrastive_loss, embed, reconstruction_samples,  # noqa: E402
-                    save_sentence_transformers, stage1_loss, stage1_sum_loss)
-from data import Batches, DataError, Pair, TextFormat, load_pairs, pad, split_pairs, stage1_task  # noqa: E402
-from model import load_model, load_tokenizer, save_model  # noqa: E402
+from bireco import Decoding, contrastive_step, heldout_report, stage1_loss, stage1_sum_loss
+from data import (Batches, DataError, TextFormat, load_pairs, sample_sets,
+                  save_sentence_transformers, stage1_task)
+from model import load_model, load_tokenizer, save_model
+from smollm2 import default_model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,10 +55,10 @@ STAGE_DEFAULTS = {
         lr=2e-5,        # paper 4e-5 at batch 512-1,024; at batch 8 that rate broke 3 of 12 runs
         steps=100,      # paper 2,000: ~5 minutes here
         batch_size=16,  # paper 512-1,024: what a CPU step affords
-        max_length=64,  # paper 512: cuts 79% of man-page descriptions (median 91 tokens); 0.63x the time
+        max_length=64,  # paper 512: cuts 79% of man-page descriptions (median 91 tokens); 0.63x
         lora_rank=0),
     "contrastive": dict(
-        lr=2e-3,        # paper 2e-4 for ~1,000 steps; at 5e-4 the loss sat at chance for 30 of 40 steps
+        lr=2e-3,        # paper 2e-4 for ~1,000 steps; at 5e-4 the loss sat at chance 30 of 40 steps
         steps=40,       # paper: not stated (~1,000 at batch 1,024 is two thirds of an epoch)
         batch_size=32,  # paper 1,024 (63 candidates per query here, 2,047 there)
         max_length=64,  # paper 512: as Stage I
@@ -74,71 +68,60 @@ WARMUP_SHARE = 0.1  # default --warmup: this share of the steps (the paper: 300 
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--stage", choices=["recon", "contrastive"],
-                    help="recon = Stage I (EBQ2D/EBD2Q reconstruction), contrastive = Stage II; "
-                    "required unless --resume")
-parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: "
-                    "the embedded SmolLM2-135M-Instruct, converted on first use")
-parser.add_argument("--data", nargs="+", default=[os.path.join(HERE, d, "train") for d in ("wordnet", "manpages")],
-                    help="JSONL files {query, positive, negative}, one per source dataset, or folders of them; "
-                    "Stage II uses in-batch negatives only where a file has no negatives")
-parser.add_argument("--mix", choices=["equal", "size"], default="equal",
-                    help="how often each dataset's batches come: equal = as often as the largest one's "
-                    "(the bundled datasets differ 100x in size), size = in proportion to size (the paper's E5 data)")
-parser.add_argument("--out", default=None, help="run folder; default out/<stage>-<model>-<date-time>")
-parser.add_argument("--resume", default=None, help="continue the run in this folder from its latest checkpoint")
-parser.add_argument("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
-parser.add_argument("--steps", type=int, default=None, help="optimizer steps (stage default)")
-parser.add_argument("--stop-after", type=int, default=None,
-                    help="stop with a checkpoint after this many steps of this invocation; continue with --resume")
-parser.add_argument("--batch-size", type=int, default=None,
-                    help="pairs per batch (stage default); also the contrastive negative pool")
-parser.add_argument("--grad-accum", type=int, default=1,
-                    help="batches per optimizer step (does NOT enlarge the in-batch negative pool)")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate (stage default)")
-parser.add_argument("--warmup", type=int, default=None,
-                    help="linear warmup steps, then linear decay to 0 at --steps (default: a tenth of --steps)")
-parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-parser.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
-parser.add_argument("--max-length", type=int, default=None, help="tokens per text, EOS included (stage default)")
-parser.add_argument("--task-weights", type=float, nargs=2, default=[0.8, 0.2], metavar=("D2Q", "Q2D"),
-                    help="Stage I weights of EBD2Q and EBQ2D; 1 0 = EBD2Q only, 0 1 = EBQ2D only")
-parser.add_argument("--mode", choices=["interleave", "sum"], default="interleave",
-                    help="Stage I: one task per batch at the weights' ratio, or both weighted on every batch")
-stage1_decoder = parser.add_argument_group("Stage I decoder options, not in the paper (bireco.Decoding says why)")
-stage1_decoder.add_argument("--decoder-dropout", type=float, default=0.0,
-                            help="share of the decoder's input tokens replaced by zero vectors")
-stage1_decoder.add_argument("--detach-decoder", action="store_true",
-                            help="the decoder pass trains no weight: they learn only through the anchor")
-stage1_decoder.add_argument("--sink", action="store_true",
-                            help="the template's first token before the anchor, which then sits at position 1")
-stage1_decoder.add_argument("--centre-anchors", action="store_true",
-                            help="the decoder reads each anchor minus the batch's mean, at the token embeddings' norm")
-stage1_decoder.add_argument("--shuffle-anchors", action="store_true",
-                            help="a control: every target decodes from another pair's anchor (nothing to reconstruct)")
-parser.add_argument("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
-parser.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tune (stage default)")
-parser.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
-parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
+arg = parser.add_argument
+arg("--stage", choices=["recon", "contrastive"],
+    help="recon = Stage I (EBQ2D/EBD2Q), contrastive = Stage II; required unless --resume")
+arg("--model", help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: SmolLM2-135M-Instruct")
+arg("--data", nargs="+", default=[os.path.join(HERE, d, "train") for d in ("wordnet", "manpages")],
+    help="JSONL files {query, positive, negative}, one per source dataset, or folders of them")
+arg("--mix", choices=["equal", "size"], default="equal",
+    help="each dataset's batches as often as the largest one's, or in proportion to its size")
+arg("--out", help="run folder; default out/<stage>-<model>-<date-time>")
+arg("--resume", help="continue the run in this folder from its latest checkpoint")
+arg("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
+arg("--steps", type=int, help="optimizer steps (stage default)")
+arg("--stop-after", type=int, help="stop with a checkpoint after this many steps; then --resume")
+arg("--batch-size", type=int, help="pairs per batch (stage default): Stage II's negative pool")
+arg("--grad-accum", type=int, default=1, help="batches per step (the negative pool stays a batch)")
+arg("--lr", type=float, help="peak learning rate (stage default)")
+arg("--warmup", type=int, help="linear warmup steps, then linear decay to 0 (default: steps / 10)")
+arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+arg("--clip", type=float, default=1.0, help="gradient norm clip")
+arg("--max-length", type=int, help="tokens per text, EOS included (stage default)")
+arg("--task-weights", type=float, nargs=2, default=[0.8, 0.2], metavar=("D2Q", "Q2D"),
+    help="Stage I weights of EBD2Q and EBQ2D; 1 0 = EBD2Q only, 0 1 = EBQ2D only")
+arg("--mode", choices=["interleave", "sum"], default="interleave",
+    help="Stage I: one task per batch at the weights' ratio, or both on every batch")
+decoder = parser.add_argument_group("Stage I decoder options, not in the paper (bireco.Decoding)")
+decoder.add_argument("--decoder-dropout", type=float, default=0.0,
+                     help="share of the decoder's input tokens replaced by zero vectors")
+decoder.add_argument("--detach-decoder", action="store_true",
+                     help="the decoder pass trains no weight: they learn through the anchor only")
+decoder.add_argument("--sink", action="store_true",
+                     help="the template's first token before the anchor (then at position 1)")
+decoder.add_argument("--centre-anchors", action="store_true",
+                     help="the anchor minus the batch's mean, at the token embeddings' norm")
+decoder.add_argument("--shuffle-anchors", action="store_true",
+                     help="a control: each target decodes from another pair's anchor")
+arg("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
+arg("--lora-rank", type=int, help="LoRA rank; 0 = full fine-tune (stage default)")
+arg("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")
+arg("--lora-dropout", type=float, default=0.05, help="LoRA input dropout")
 # 8192: the default Stage II batch (96 texts of at most 64 tokens) is one plain step; a man-pages
 # batch took 11.2 s so (peak RSS 10.0 GB), 17.3 s as the cached step at 4096 (8.4 GB)
-parser.add_argument("--chunk", type=int, default=8192,
-                    help="Stage II: padded tokens held with autograd at once (a larger batch takes the cached "
-                    "step, this many a pass); lower it to need less memory")
-parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
-                    help="compute dtype (autocast); weights and optimizer state stay fp32. auto: bfloat16 on "
-                    "CUDA and on CPUs with AMX / AVX512-BF16, else float32 (emulated bf16 is far slower)")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
-parser.add_argument("--seed", type=int, default=0)
-parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-parser.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
-parser.add_argument("--sample-every", type=int, default=50,
-                    help="Stage I: print reconstructions of two held-out pairs and the held-out gap at the "
-                    "start, every N steps (at a progress line) and at the end; 0 = never")
-parser.add_argument("--gap-pairs", type=int, default=32,
-                    help="Stage I: held-out pairs per dataset for the samples and the gap printed with them "
-                    "(the untrained model's WordNet EBD2Q gap read -0.16, +0.14 and +0.09 on 16, 32 and 64 pairs)")
+arg("--chunk", type=int, default=8192,
+    help="Stage II: padded tokens a pass holds with autograd; lower it to need less memory")
+arg("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+    help="autocast dtype (weights stay fp32); auto: bf16 on CUDA and CPUs with bf16 units")
+arg("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+arg("--grad-ckpt", action="store_true", help="activation checkpointing per layer")
+arg("--seed", type=int, default=0)
+arg("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
+arg("--log-every", type=int, default=10, help="progress line every N steps")
+arg("--sample-every", type=int, default=50,
+    help="Stage I: held-out reconstructions and gap at the start, every N steps; 0 = never")
+# the untrained model's WordNet EBD2Q gap read -0.16, +0.14 and +0.09 on 16, 32 and 64 pairs
+arg("--gap-pairs", type=int, default=32, help="Stage I: held-out pairs per dataset for the gap")
 
 # -----------------------------------------------------------------------------
 # LoRA: W x + (alpha / r) B A dropout(x), B initialised to zero so training starts at the base model
@@ -203,7 +186,7 @@ class SaveError(Exception):
 
 
 def rng_states():
-    """Every RNG a step draws from; under torchrun every rank's, since their dropout masks differ."""
+    """Every RNG a step draws from; under torchrun every rank's (their dropout masks differ)."""
     mine = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     if WORLD == 1:
@@ -232,8 +215,11 @@ def save_checkpoint(run, model, opt, batches, step, args, base_model, rng=None):
         return _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model,
                                  rng if rng is not None else rng_states())
     except (OSError, SafetensorError) as e:  # safetensors reports the OS error in its own type
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split("I/O error: ")[-1]
-        for partial in (tmp, os.path.join(run, ".latest.tmp")) + (() if _points_at(run, name) else (final,)):
+        cause = str(e).split("I/O error: ")[-1]
+        cause = e.strerror if isinstance(e, OSError) and e.strerror else cause
+        partials = [tmp, os.path.join(run, ".latest.tmp")]
+        partials += [] if _points_at(run, name) else [final]
+        for partial in partials:
             if os.path.islink(partial):
                 os.remove(partial)
             else:
@@ -251,23 +237,26 @@ def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, ba
     # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
     trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
     save_model(model, tmp, merged_state_dict(model))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+              "special_tokens_map.json"):
         if os.path.isfile(os.path.join(base_model, f)):
             shutil.copy(os.path.join(base_model, f), tmp)
-    tokenizer, eos_ids = load_tokenizer(tmp)  # every checkpoint is also a sentence-transformers folder
+    tokenizer, eos_ids = load_tokenizer(tmp)  # each checkpoint: a sentence-transformers folder too
     save_sentence_transformers(tmp, TextFormat(tokenizer, eos_ids), model.config.hidden_size)
     state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable, rng=rng)
     with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
         try:
             torch.save(state, f)
-        except RuntimeError as e:  # torch's zip writer hides a failed write's OSError behind its own error
+        except RuntimeError as e:  # torch's zip writer hides a failed write's OSError in its own
             if isinstance(e.__context__, OSError):
                 raise e.__context__ from None
             raise
     meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
-                base_model=os.path.abspath(base_model), data=[os.path.abspath(d) for d in args.data],
+                base_model=os.path.abspath(base_model),
+                data=[os.path.abspath(d) for d in args.data],
                 training_datasets=sorted(batches.data),
-                dataset_sizes={k: len(v) for k, v in batches.data.items()}, git_commit=git_commit(), args=vars(args))
+                dataset_sizes={k: len(v) for k, v in batches.data.items()}, git_commit=git_commit(),
+                args=vars(args))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     shutil.rmtree(final, ignore_errors=True)
@@ -346,6 +335,16 @@ def sum_gradients(params):
         dist.all_reduce(p.grad)
 
 
+def gather_batch(reps, sections: int):
+    """Stage II under torchrun: this rank's embeddings (sections x its slice, D) -> the global
+    batch's, every rank's slices in rank order within each section; only this rank's carry a
+    gradient."""
+    parts = [torch.empty_like(reps) for _ in range(WORLD)]
+    dist.all_gather(parts, reps.detach().contiguous())
+    parts[RANK] = reps
+    return torch.cat([part.chunk(sections)[k] for k in range(sections) for part in parts])
+
+
 # -----------------------------------------------------------------------------
 # Steps
 
@@ -356,6 +355,7 @@ def out_of_memory(e: BaseException) -> bool:
 
 
 def lr_at(step, args):
+    """Linear warmup to --lr over --warmup steps, then linear decay to 0 at --steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
@@ -371,10 +371,10 @@ def recon_step(model, fmt, batch, micro, args, ctx):
     ranks each loss is a mean over the global batch's target tokens of that task, each rank
     contributing its own tokens' sum; the logged values are the global means."""
     w = dict(d2q=args.task_weights[0], q2d=args.task_weights[1])
-    mine, share = my_slice(batch), dict(d2q=1.0, q2d=1.0)  # share: this rank's part of the task's target tokens
+    mine, share = my_slice(batch), dict(d2q=1.0, q2d=1.0)  # this rank's share of a task's tokens
     if WORLD > 1:
         for task, texts in (("d2q", [p.query for p in mine]), ("q2d", [p.positive for p in mine])):
-            tokens = sum(min(len(fmt.ids(x)), fmt.max_length - 1) for x in texts)  # as target_ids cuts them
+            tokens = sum(min(len(fmt.ids(x)), fmt.max_length - 1) for x in texts)  # as target_ids
             share[task] = tokens / all_sum(tokens)
     if args.mode == "interleave":
         task = stage1_task(micro, w["d2q"], w["q2d"])
@@ -382,186 +382,88 @@ def recon_step(model, fmt, batch, micro, args, ctx):
             loss, n_tok = stage1_loss(model, fmt, mine, task, how=decoding(args, fmt))
         loss = loss * share[task]
         return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
-    weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # weighted local means = global terms
+    weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # local -> global
     with ctx:  # sum: both tasks, one output-layer pass over their targets
         loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=decoding(args, fmt))
     return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
 
 
-def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
-    """Splits texts of these token lengths into passes of at most `budget` padded tokens each (texts
-    x its longest; a longer text goes alone) with the least padding: the texts sorted by length,
-    cut where the cuts minimise the padded tokens plus budget / 16 for each pass (one more pass
-    pays where it saves that much padding). Dynamic programming over the cut points."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    n, per_pass = len(order), budget // 16
-    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: the first j sorted texts, cut[j]: their last pass's start
-    for j in range(1, n + 1):
-        width = lengths[order[j - 1]]  # the longest of a pass ending at j
-        i = j - 1
-        while i >= 0 and ((j - i) * width <= budget or i == j - 1):
-            c = cost[i] + (j - i) * width + per_pass
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-            i -= 1
-    chunks, j = [], n
-    while j > 0:
-        chunks.append(order[cut[j]:j])
-        j = cut[j]
-    return chunks[::-1]
-
-
-def padded_size(lengths: list[int], chunks: list[list[int]]) -> int:
-    """Tokens the passes `chunks` (token_chunks) run, padding included: each pass x its longest."""
-    return sum(len(c) * max(lengths[i] for i in c) for c in chunks)
-
-
-def contrastive_step(model, fmt, batch, args, ctx, scale=1.0):
-    """Stage II on one batch with the cached step; backpropagates and returns (loss, negatives).
-    Under torchrun a rank embeds its slice and the loss is taken over every rank's embeddings."""
-    batch = my_slice(batch)
-    items = ([(p.instruction, p.query) for p in batch] + [(None, p.positive) for p in batch]
-             + [(None, p.negative) for p in batch if p.negative is not None])
-    B, seqs = len(batch), [fmt.embed_ids(text, instruction) for instruction, text in items]
-    lengths = [len(s) for s in seqs]
-    chunks = token_chunks(lengths, args.chunk)
-    embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
-    sections = len(items) // B  # queries, positives (, negatives)
-    order = torch.tensor([i for c in chunks for i in c]).argsort()  # from the chunks' order back to the batch's
-
-    def loss_of(reps):
-        if WORLD > 1:  # the global batch: every rank's embeddings, in rank order; only ours carry a gradient
-            parts = [torch.empty_like(reps) for _ in range(WORLD)]
-            dist.all_gather(parts, reps.detach().contiguous())
-            parts[RANK] = reps
-            reps = torch.cat([part.chunk(sections)[k] for k in range(sections) for part in parts])
-        q, p, *n = reps.chunk(sections)
-        return contrastive_loss(q, p, n[0] if n else None, args.temperature)
-
-    if padded_size(lengths, chunks) <= args.chunk and WORLD == 1:  # the whole batch's activations fit at once: the plain step
-        with ctx:
-            loss, negatives = loss_of(torch.cat([embed_chunk(c) for c in chunks])[order])
-        (loss * scale).backward()
-        return loss.item(), negatives
-    rng, reps = [], []
-    with torch.no_grad():  # pass 1: every embedding, no activations kept
-        for c in chunks:
-            rng.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-            with ctx:
-                reps.append(embed_chunk(c))
-    reps = torch.cat(reps).requires_grad_()  # (3B, D), in the chunks' order
-    loss, negatives = loss_of(reps[order])  # the loss sees the batch in its own order
-    (loss * scale).backward()  # d loss / d embeddings
-    for c, (cpu_rng, cuda_rng), g in zip(chunks, rng, reps.grad.split([len(c) for c in chunks])):
-        torch.set_rng_state(cpu_rng)  # same dropout masks as in pass 1
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-        with ctx:
-            e = embed_chunk(c)
-        e.backward(g)  # pass 2: re-run the chunk with autograd, inject the cached gradient
-    return loss.item(), negatives
-
-
-# -----------------------------------------------------------------------------
-
-
-def heldout_sets(sources: list[str], n: int) -> dict[str, list[Pair]]:
-    """Up to n pairs of the validation split beside each training folder that has one (the bundled
-    datasets: <name>/train beside <name>/validation), by dataset name."""
-    sets = {}
-    for source in sources:
-        source = os.path.normpath(source)
-        held_out = os.path.join(os.path.dirname(source), "validation")
-        if os.path.basename(source) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
-            instruction = next(iter(load_pairs(source).values()))[0].instruction
-            sets[os.path.basename(os.path.dirname(source))] = split_pairs(held_out, instruction, n)
-    return sets
-
-
-def sample_sets(sources: list[str], data: dict, n: int) -> tuple[str, dict[str, list[Pair]]]:
-    """The pairs Stage I shows its progress on: n held-out pairs of each dataset that has a
-    validation split (heldout_sets), else the first n training pairs of each dataset."""
-    sets = heldout_sets(sources, n)
-    if sets:
-        return "held-out pairs", sets
-    return "training pairs", {name: pairs[:n] for name, pairs in data.items()}
+def micro_step(model, fmt, batch, micro, args, ctx):
+    """One batch of either stage, back-propagated at 1 / --grad-accum: {name: (loss, count)}."""
+    if args.stage == "recon":
+        loss, logs = recon_step(model, fmt, batch, micro, args, ctx)
+        (loss / args.grad_accum).backward()
+        return logs
+    gather = gather_batch if WORLD > 1 else None
+    value, negatives = contrastive_step(model, fmt, my_slice(batch), args.chunk, args.temperature,
+                                        ctx, 1 / args.grad_accum, gather)
+    return {"loss": (value, len(batch)), "negatives": (negatives, 0)}
 
 
 def print_samples(model, fmt, sets, what, step, ctx, how):
-    """For each dataset in `sets` ({name: pairs}): its first pair regenerated both ways (decoded
-    with the whole set, as a batch, so centred anchors are centred as in training), and the gap
-    over the set, decoded as Stage I decodes (how: bireco.Decoding)."""
+    """bireco.heldout_report at a sample point, in eval mode, not counting its texts as cut."""
     model.eval()
     counted = fmt.truncated  # the warning counts training texts, not these
     with ctx:
-        lines = [line for v in sets.values() for line in reconstruction_samples(model, fmt, v, how=how, show=1)]
-        gaps = {name: {task: anchor_losses(model, fmt, v, task, how=how) for task in ("d2q", "q2d")}
-                for name, v in sets.items() if len(v) > 1}
+        lines = heldout_report(model, fmt, sets, how, what=what, at=f" at step {step}")
+    print(*lines, sep="\n", flush=True)
     fmt.truncated = counted
     model.train()
-    print(f"samples at step {step} ({what}; each side regenerated from the other's [EOS] vector, "
-          "and from another pair's):", *lines, sep="\n")
-    for name, by_task in gaps.items():
-        print(f"{what} gap at step {step}, {name} ({len(sets[name])} pairs; target loss per token given "
-              "another pair's anchor minus given its own):")
-        print("  " + " | ".join(f"{label} {g['shuffled'] - g['true']:+.3f} (own {g['true']:.3f}, another's "
-                                f"{g['shuffled']:.3f}, mean {g['mean']:.3f})"
-                                for label, g in (("EBD2Q", by_task["d2q"]), ("EBQ2D", by_task["q2d"]))), flush=True)
 
 
-def main(argv=None):
+# -----------------------------------------------------------------------------
+# Setting up a run
+
+
+def settings(argv):
+    """The run's settings: the flags with the stage's defaults filled in, or, with --resume, those
+    the run was started with. Returns (args, the checkpoint to resume from, its meta.json) or
+    (args, None, None)."""
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
         parser.error("--stage is required (or --resume RUN to continue a run)")
     setup_distributed(args.device)
-    resume_from = meta = None
     if args.resume:
         changed = [k for k, v in vars(args).items()
                    if k not in ("resume", "stop_after") and v != parser.get_default(k)]
         if changed:  # a run continues with the settings it started with
-            parser.error(f"--resume continues a run with its saved settings; only --stop-after may be "
-                         f"given with it, not --{changed[0].replace('_', '-')}")
+            parser.error(f"--resume continues a run with its saved settings; only --stop-after "
+                         f"may be given with it, not --{changed[0].replace('_', '-')}")
         resume_from = latest_checkpoint(args.resume)
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
-        older = dict(mix="size", decoder_dropout=0.0, detach_decoder=False, sink=False, shuffle_anchors=False,
-                     centre_anchors=False, gap_pairs=0)  # what runs saved before these flags existed used
-        args = argparse.Namespace(**{**older, **meta["args"], "resume": args.resume, "stop_after": args.stop_after})
-    else:
-        for k, v in STAGE_DEFAULTS[args.stage].items():
-            if getattr(args, k) is None:
-                setattr(args, k, v)
-        for k in ("steps", "batch_size", "grad_accum", "max_length", "chunk", "save_every", "log_every"):
-            if getattr(args, k) < 1:
-                parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
-        if args.warmup is None:
-            args.warmup = round(WARMUP_SHARE * args.steps)
-        elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
-            parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
-        if args.model is None:
-            from smollm2 import default_model_dir
-            args.model = default_model_dir()
-        name = os.path.basename(os.path.normpath(args.model))
-        args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if WORLD > 1:  # the ranks may have started in different seconds: rank 0's name
-            names = [args.out]
-            dist.broadcast_object_list(names)
-            args.out = names[0]
-        if args.batch_size % WORLD:
-            parser.error(f"--batch-size {args.batch_size} must be a multiple of the {WORLD} processes")
-        if os.path.lexists(os.path.join(args.out, "latest")) and not args.overwrite:
-            sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
-                     "or --overwrite to replace it")
-    run = args.resume or args.out
-    if args.dtype == "auto":  # resolved once, so a resumed run keeps the dtype it started with
-        args.dtype = str(auto_dtype(args.device)).removeprefix("torch.")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    device = local_device(args.device)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
-    print("config:", json.dumps(vars(args), sort_keys=True))
+        saved = {**meta["args"], "resume": args.resume, "stop_after": args.stop_after}
+        return argparse.Namespace(**saved), resume_from, meta
+    for k, v in STAGE_DEFAULTS[args.stage].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k in ("steps", "batch_size", "grad_accum", "max_length", "chunk", "save_every",
+              "log_every"):
+        if getattr(args, k) < 1:
+            parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if args.warmup is None:
+        args.warmup = round(WARMUP_SHARE * args.steps)
+    elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
+        parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
+    if args.batch_size % WORLD:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {WORLD} processes")
+    args.model = args.model or default_model_dir()
+    name = os.path.basename(os.path.normpath(args.model))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{stamp}")
+    if WORLD > 1:  # the ranks may have started in different seconds: rank 0's name
+        names = [args.out]
+        dist.broadcast_object_list(names)
+        args.out = names[0]
+    if os.path.lexists(os.path.join(args.out, "latest")) and not args.overwrite:
+        sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
+                 "or --overwrite to replace it")
+    return args, None, None
 
+
+def build(args, device, resume_from, meta):
+    """Data, model (with LoRA for Stage II), tokenizer format and optimizer, at the saved state
+    when resuming. Returns (data, batches, model, fmt, opt, step)."""
     try:
         data = load_pairs(*args.data)
         batches = Batches(data, args.batch_size, args.seed, args.mix)
@@ -571,17 +473,15 @@ def main(argv=None):
     if meta and meta.get("dataset_sizes") != sizes:  # the saved data position would point elsewhere
         sys.exit(f"error: {' '.join(args.data)} changed since the run started: datasets and sizes "
                  f"{meta.get('dataset_sizes')} then, {sizes} now; cannot resume on other data")
-    try:
-        if resume_from and args.lora_rank == 0:
-            model = load_model(resume_from, device=device)
-        else:
-            model = load_model(args.model, device=device)
+    try:  # a full fine-tune resumes from its saved weights, LoRA from the base plus saved adapters
+        weights = resume_from if resume_from and args.lora_rank == 0 else args.model
+        model = load_model(weights, device=device)
         tok, eos_ids = load_tokenizer(args.model)
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: {e}")
     fmt = TextFormat(tok, eos_ids, args.max_length)
-    # a template longer than --max-length fails here, not at the first batch that meets it;
-    # queries (with their instructions) are embedded by EBQ2D and Stage II, EBD2Q embeds documents only
+    # a template longer than --max-length fails here, not at the first batch that meets it; queries
+    # (with their instructions) are embedded by EBQ2D and Stage II, EBD2Q embeds documents only
     queries = args.stage == "contrastive" or args.task_weights[1] > 0
     instructions = {p.instruction for v in data.values() for p in v} if queries else set()
     try:
@@ -595,48 +495,73 @@ def main(argv=None):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    step = 0
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "train_state.pt"), map_location=device, weights_only=False)
-        named = dict(model.named_parameters())
-        with torch.no_grad():
-            for k, v in state["trainable"].items():
-                named[k].copy_(v)
-        opt.load_state_dict(state["opt"])
-        batches.load_state_dict(state["data"])
-        if isinstance(state["rng"], dict) != (WORLD > 1) or (WORLD > 1 and len(state["rng"]["ranks"]) != WORLD):
-            saved = len(state["rng"]["ranks"]) if isinstance(state["rng"], dict) else 1
-            sys.exit(f"error: {resume_from} was saved by {saved} process(es); resume it with as many "
-                     f"(torchrun --nproc_per_node={saved}), not {WORLD}")
-        set_rng_states(state["rng"])
-        step = meta["step"]
-        print(f"resumed {run} at step {step}/{args.steps}")
-    n_train = sum(p.numel() for p in params)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{n_train / 1e6:.2f}M trained | data {sum(map(len, data.values()))} pairs in {len(data)} "
-          f"datasets | batch {args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}"
-          + (f" | world size {WORLD} ({args.batch_size // WORLD} pairs per process)" if WORLD > 1 else ""))
+    if not resume_from:
+        return data, batches, model, fmt, opt, 0
+    state = torch.load(os.path.join(resume_from, "train_state.pt"), map_location=device,
+                       weights_only=False)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["trainable"].items():
+            named[k].copy_(v)
+    opt.load_state_dict(state["opt"])
+    batches.load_state_dict(state["data"])
+    saved = len(state["rng"]["ranks"]) if isinstance(state["rng"], dict) else 1
+    if saved != WORLD:
+        sys.exit(f"error: {resume_from} was saved by {saved} process(es); resume it with as many "
+                 f"(torchrun --nproc_per_node={saved}), not {WORLD}")
+    set_rng_states(state["rng"])
+    print(f"resumed {args.resume} at step {meta['step']}/{args.steps}")
+    return data, batches, model, fmt, opt, meta["step"]
 
-    # Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once
-    stop, last_saved = [], resume_from
-    def on_sigint(sig, frame):
+
+def on_ctrl_c(last_saved) -> list:
+    """Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once. Returns
+    the list the handler appends to; last_saved: a one-item list naming the last checkpoint."""
+    stop = []
+
+    def handler(sig, frame):
         if stop:  # exit status 130 = 128 + SIGINT, as for a process killed by Ctrl-C
-            print(f"\ninterrupt: aborted without saving. Last saved checkpoint: {last_saved or 'none yet'}",
-                  file=sys.stderr)
+            print("\ninterrupt: aborted without saving. Last saved checkpoint: "
+                  f"{last_saved[0] or 'none yet'}", file=sys.stderr)
             sys.exit(130)
         stop.append(sig)
-        print("\ninterrupt: finishing this step, then saving (Ctrl-C again to abort without saving)",
+        print("\ninterrupt: finishing this step, then saving (Ctrl-C again: abort without saving)",
               file=sys.stderr)
-    signal.signal(signal.SIGINT, on_sigint)
+    signal.signal(signal.SIGINT, handler)
+    return stop
 
-    samples = args.stage == "recon" and getattr(args, "sample_every", 0) > 0 and RANK == 0
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+def main(argv=None):
+    args, resume_from, meta = settings(argv)
+    run = args.resume or args.out
+    if args.dtype == "auto":  # resolved once, so a resumed run keeps the dtype it started with
+        args.dtype = str(hardware.auto_dtype(args.device)).removeprefix("torch.")
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    device = local_device(args.device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    print("config:", json.dumps(vars(args), sort_keys=True))
+    data, batches, model, fmt, opt, step = build(args, device, resume_from, meta)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_all, n_trained = (sum(p.numel() for p in ps) / 1e6 for ps in (model.parameters(), params))
+    world = f" | world size {WORLD} ({args.batch_size // WORLD} pairs per process)" * (WORLD > 1)
+    print(f"model {args.model}: {n_all:.1f}M parameters, {n_trained:.2f}M trained | data "
+          f"{sum(map(len, data.values()))} pairs in {len(data)} datasets | batch "
+          f"{args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}{world}")
+    last_saved = [resume_from]
+    stop = on_ctrl_c(last_saved)
+    samples = args.stage == "recon" and args.sample_every > 0 and RANK == 0
     if samples:
         what, shown = sample_sets(args.data, data, args.gap_pairs)
         if step == 0:
             print_samples(model, fmt, shown, what, 0, ctx, decoding(args, fmt))
     start_step = first = step
-    t0, window = time.time(), {}
-    warned = 0
+    t0, window, warned = time.time(), {}, 0
     while step < args.steps:
         lr = lr_at(step, args)
         for g in opt.param_groups:
@@ -644,17 +569,13 @@ def main(argv=None):
         try:
             for micro in range(args.grad_accum):
                 _, batch = next(batches)
-                if args.stage == "recon":
-                    loss, logs = recon_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
-                    (loss / args.grad_accum).backward()
-                else:
-                    value, negatives = contrastive_step(model, fmt, batch, args, ctx, 1 / args.grad_accum)
-                    logs = {"loss": (value, len(batch))}
-                for k, (v, n) in logs.items():
+                logs = micro_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
+                for k, (v, _) in logs.items():
                     window.setdefault(k, []).append(v)
                     if not math.isfinite(v):
-                        sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping without "
-                                 f"saving. Last saved checkpoint: {last_saved or 'none yet'}")
+                        sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping "
+                                 "without saving. Last saved checkpoint: "
+                                 f"{last_saved[0] or 'none yet'}")
                 window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
                                                                  for t in (p.query, p.positive))
             sum_gradients(params)
@@ -663,18 +584,20 @@ def main(argv=None):
         except Exception as e:  # CPU and CUDA allocators both raise a RuntimeError subclass
             if not out_of_memory(e):
                 raise
-            sys.exit(f"error: out of memory at step {step + 1} ({str(e).splitlines()[0][:200]}); lower the "
-                     f"memory a step needs with --batch-size, --chunk (Stage II), --grad-ckpt or --max-length. "
-                     f"Last saved checkpoint: {last_saved or 'none yet'}")
+            sys.exit(f"error: out of memory at step {step + 1} ({str(e).splitlines()[0][:200]}); "
+                     "lower the memory a step needs with --batch-size, --chunk (Stage II), "
+                     "--grad-ckpt or --max-length. Last saved checkpoint: "
+                     f"{last_saved[0] or 'none yet'}")
         opt.zero_grad(set_to_none=True)
         step += 1
 
         if step % args.log_every == 0 or step == args.steps:
-            dt = time.time() - t0
-            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items() if k != "tokens")
-            extra = f" | negatives/query {negatives}" if args.stage == "contrastive" else ""
+            dt, tokens = time.time() - t0, window.pop("tokens")
+            negatives = window.pop("negatives", None)
+            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items())
+            extra = f" | negatives/query {negatives[-1]}" if negatives else ""
             eta = dt / (step - first) * (args.steps - step)
-            print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {window['tokens'] / dt:.0f} tok/s"
+            print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
                   f"{extra} | eta {eta / 60:.1f} min", flush=True)
             window, t0, first = {}, time.time(), step
             truncated = int(all_sum(fmt.truncated))  # every rank's texts
@@ -684,17 +607,19 @@ def main(argv=None):
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
                 print_samples(model, fmt, shown, what, step, ctx, decoding(args, fmt))
-        if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop here
+        if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
             rng = rng_states()  # every rank's, gathered
             if RANK == 0:
                 try:
-                    last_saved = save_checkpoint(run, model, opt, batches, step, args, args.model, rng)
+                    last_saved[0] = save_checkpoint(run, model, opt, batches, step, args,
+                                                    args.model, rng)
                 except SaveError as e:
-                    sys.exit(f"error: {e}. The previous checkpoint is kept: {last_saved or 'none yet'}")
-                print(f"saved {last_saved}")
+                    sys.exit(f"error: {e}. The previous checkpoint is kept: "
+                             f"{last_saved[0] or 'none yet'}")
+                print(f"saved {last_saved[0]}")
             if WORLD > 1:
                 dist.barrier()  # the others wait for the checkpoint, so a stop leaves a whole one
         if stop or done_here:

@@ -40,7 +40,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # eval.py's bundled tasks
+import data  # noqa: E402
+from smollm2 import default_model_dir  # noqa: E402
+
+TASKS = data.BUNDLED_TASKS  # eval.py's bundled tasks: their data folders
 ABLATIONS = {"q2d-only": ["--task-weights", "0", "1"], "d2q-only": ["--task-weights", "1", "0"],
              "sum": ["--mode", "sum"], "control": ["--shuffle-anchors"]}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
@@ -88,8 +91,9 @@ def evaluate(model_dir, out, split):
     return scores
 
 
-def diagnostic(model_dir, split, n=64):
-    """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task."""
+def diagnostic(model_dir, split, n=64, how=None):
+    """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task,
+    decoded as `how` (bireco.Decoding; default: as the checkpoint's Stage I decoded)."""
     import torch
 
     from bireco import Embedder, checkpoint_decoding, split_reconstruction_gap
@@ -97,11 +101,12 @@ def diagnostic(model_dir, split, n=64):
 
     embedder = Embedder.from_pretrained(model_dir)
     model, fmt, out = embedder.model, embedder.fmt, {}
+    how = how or checkpoint_decoding(model_dir, fmt)
     for name in TASKS.values():
         pairs = split_pairs(os.path.join(ROOT, name, split), INSTRUCTIONS[name], n)
         out[name] = {}
         for task in ("d2q", "q2d"):
-            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=checkpoint_decoding(model_dir, fmt))
+            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=how)
             out[name][task] = {"true": true, "shuffled": shuffled}
     del model, embedder
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -143,7 +148,6 @@ def main():
         return results[name]
 
     if args.model is None:
-        from smollm2 import default_model_dir
         args.model = default_model_dir()
     base, split = args.model, args.split
     unit(f"base/{split}", lambda: evaluate(base, os.path.join(args.out, "base"), split))
@@ -205,8 +209,7 @@ def stage_default(key):
 
 
 def bm25(task, split):
-    import eval as ev
-    return ev.bm25_ndcg10(os.path.join(ROOT, TASKS[task], split))
+    return data.bm25_ndcg10(os.path.join(ROOT, TASKS[task], split))
 
 
 def loss_summary(v):

@@ -21,7 +21,6 @@ trained on the bundled WordNet text.
 """
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import torch  # noqa: E402
 from conftest import make_tiny_checkpoint  # noqa: E402
 
 import bireco  # noqa: E402
+import hardware  # noqa: E402
 import train  # noqa: E402
 from data import Pair, TextFormat, load_pairs  # noqa: E402
 from model import ModelConfig, load_model, load_tokenizer  # noqa: E402
@@ -83,8 +83,7 @@ def correctness(device, dtype, folder, report):
     ours.train()
     batch = [Pair(p.query, p.positive, p.negative, p.instruction) for p in pairs[:4]]
     for chunk in (10 ** 6, 100):  # one plain pass; several passes of the cached step
-        args = argparse.Namespace(chunk=chunk, temperature=0.02)
-        train.contrastive_step(ours, fmt, batch, args, contextlib.nullcontext())
+        bireco.contrastive_step(ours, fmt, batch, chunk)
         grads.append({k: p.grad.clone() for k, p in ours.named_parameters() if p.grad is not None})
         ours.zero_grad(set_to_none=True)
     worst = max(((grads[0][k] - grads[1][k]).abs().max() / grads[0][k].abs().max()).item() for k in grads[0])
@@ -123,7 +122,7 @@ def paper_stage2(device, dtype, folder, report, quick):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     add = lambda *a, **k: report.add("llama1b" if not quick else "tiny-1b", str(dtype).removeprefix("torch."), *a, **k)
     try:
-        step = lambda: train.contrastive_step(model, fmt, batch, args, ctx)
+        step = lambda: bireco.contrastive_step(model, fmt, batch, args.chunk, args.temperature, ctx)
         mem = benchmark.peak_memory(step, device)
         model.zero_grad(set_to_none=True)
         seconds = benchmark.timed(step, device)
@@ -142,7 +141,7 @@ def paper_stage2(device, dtype, folder, report, quick):
 def main():
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = bireco.auto_dtype(device)  # bf16 on CUDA; on a CPU, only where it has bf16 matmul units
+    dtype = hardware.auto_dtype(device)  # bf16 on CUDA; on a CPU, only where it has bf16 matmul units
     t0 = time.time()
     report = benchmark.Report()
     print(f"device {device} | torch {torch.__version__} | {dtype}", flush=True)

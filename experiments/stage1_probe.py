@@ -1,23 +1,18 @@
 """
 Can a Stage I of this size teach the decoder to read the anchor? One Stage I run (train.py's
-recipe, or flags after --), then the reconstruction diagnostic on held-out validation pairs:
-target loss per token given the true anchor against another pair's. A gap is what a healthy
-Stage I leaves; the recipe of today leaves none (experiments/README.md).
+recipe, or its flags after --, the decoder options among them), then the reconstruction diagnostic
+on held-out validation pairs: target loss per token given the true anchor against another pair's.
+A gap is what a healthy Stage I leaves; the recipe of today leaves none (experiments/README.md).
 
-  python experiments/stage1_probe.py --variant paper                 # the paper's decoder input
-  python experiments/stage1_probe.py --variant paper -- --lr 1e-4    # the same, a higher rate
-  python experiments/stage1_probe.py --variant rescale               # anchor scaled to the token embeddings' norm
-  python experiments/stage1_probe.py --variant sink                  # a begin-of-text token before the anchor
+  python experiments/stage1_probe.py                          # train.py's Stage I
+  python experiments/stage1_probe.py -- --lr 1e-4 --sink      # with train.py flags
   python experiments/stage1_probe.py --report
 
-Variants change only what the decoder pass is given in front of the target tokens (bireco._decode,
-patched here for the probe's own training and diagnostic; the library is untouched):
-  paper    [anchor, y_1 .. y_n-1], the anchor a final-norm state (mean norm 46 in SmolLM2
-           against 3.0 for its token embeddings), at position 0, where a pretrained LM parks
-           attention that has nowhere better to go
-  rescale  the anchor times (mean token-embedding norm / its own norm), still at position 0
-  sink     [W_emb[<|endoftext|>], anchor, y_1 ..]: a real token takes position 0
-Each finished run is recorded at once in --results; a re-run skips it.
+The untrained model is measured once per decoder input (the flags' bireco.Decoding), the trained
+one as its checkpoint decodes (bireco.checkpoint_decoding). Each finished run is recorded at once
+in --results; a re-run skips it. (The records "rescale" and "sink" come from an earlier version
+that changed the decoder input by hand: the anchor scaled to the token embeddings' norm, and
+<|endoftext|> before it.)
 """
 
 import argparse
@@ -27,8 +22,6 @@ import re
 import shlex
 import sys
 import time
-
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -40,7 +33,6 @@ STAGE2_STEPS = STAGE_DEFAULTS["contrastive"]["steps"]  # where compare.py's arms
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-parser.add_argument("--variant", choices=["paper", "rescale", "sink"], default="paper")
 parser.add_argument("--model", default=None, help="base model folder (default: embedded SmolLM2)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--pairs", type=int, default=64, help="validation pairs per dataset for the diagnostic")
@@ -50,34 +42,6 @@ parser.add_argument("--stage2", choices=["validation", "test"], default=None,
                     help="then train.py's Stage II from the Stage I checkpoint (same seed) and nDCG@10 on this split")
 parser.add_argument("--report", action="store_true", help="only print the table")
 parser.add_argument("train_flags", nargs="*", help="train.py flags for Stage I, after --")
-
-
-def prefix(model, anchor, variant):
-    """What goes in front of the target tokens: (B, P, D); the anchor is the last of the P."""
-    emb = model.model.embed_tokens.weight
-    if variant == "rescale":
-        wide = torch.promote_types(anchor.dtype, torch.float32)  # norms in fp32 or wider
-        scale = emb.detach().to(wide).norm(dim=-1).mean()
-        anchor = anchor * (scale / anchor.to(wide).norm(dim=-1, keepdim=True)).to(anchor.dtype)
-    x = anchor[:, None, :]
-    if variant == "sink":
-        sink = emb[0].to(x.dtype).expand(len(x), 1, -1)  # <|endoftext|>, id 0 in SmolLM2's vocabulary
-        x = torch.cat([sink, x], dim=1)
-    return x
-
-
-def decoder(variant):
-    """bireco._decode with `variant`'s prefix; the target positions are those of the original."""
-    def decode(model, anchor, targets, mask):
-        device = model.lm_head.weight.device
-        targets, mask = targets.to(device), mask.to(device)
-        tok = model.model.embed_tokens(targets[:, :-1])
-        pre = prefix(model, anchor, variant).to(tok.dtype)
-        P = pre.shape[1]
-        padding = torch.cat([torch.ones(len(mask), P - 1, dtype=torch.bool, device=device), mask], dim=1)
-        h = model(inputs_embeds=torch.cat([pre, tok], dim=1), padding_mask=padding)[:, P - 1:]
-        return h[mask], targets[mask]
-    return decode
 
 
 def report(results):
@@ -108,7 +72,6 @@ def main():
     results = json.load(open(args.results)) if os.path.isfile(args.results) else {}
     if args.report:
         return report(results)
-    bireco._decode = decoder(args.variant)  # Stage I's loss and the diagnostic both go through it
     import compare
     import train
     from smollm2 import default_model_dir
@@ -120,11 +83,14 @@ def main():
         os.replace(args.results + ".tmp", args.results)
 
     model = args.model or default_model_dir()
-    if f"base {args.variant}" not in results:  # the untrained model, the same decoder input
-        results[f"base {args.variant}"] = dict(flags="", seconds=0,
-                                               diagnostic=compare.diagnostic(model, "validation", args.pairs))
+    flags = vars(train.parser.parse_args(["--stage", "recon", *args.train_flags]))
+    base = "base " + (" ".join(k for k in ("sink", "centre_anchors") if flags[k]) or "paper")
+    if base not in results:  # the untrained model, as the run's decoder reads anchors
+        fmt = bireco.Embedder.from_pretrained(model).fmt
+        how = bireco.Decoding.from_flags(flags, fmt).at_inference()
+        results[base] = dict(flags="", seconds=0, diagnostic=compare.diagnostic(model, "validation", args.pairs, how))
         save()
-    name = f"{args.variant} {shlex.join(args.train_flags)} s{args.seed}".replace("  ", " ")
+    name = f"{shlex.join(args.train_flags) or 'paper'} s{args.seed}"
     run = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", name.replace("--", "")))
     if name not in results:
         t0 = time.time()

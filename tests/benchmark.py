@@ -99,7 +99,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loa
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the memory profiler's start/stop log lines
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -117,6 +116,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bireco  # noqa: E402
+import hardware  # noqa: E402
 from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
 from conftest import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -562,7 +562,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     import train
 
     s1, s2 = train.STAGE_DEFAULTS["recon"], train.STAGE_DEFAULTS["contrastive"]
-    compute = bireco.auto_dtype(device)
+    compute = hardware.auto_dtype(device)
     dname = str(compute).removeprefix("torch.")
     add = lambda *a, **k: report.add("recipe", dname, *a, **k)
     ctx = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=compute == torch.bfloat16)
@@ -634,8 +634,8 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     t2, flops2, passes = {}, [], []
     for name, pairs in data.items():
         batch = rng.sample(pairs, s2["batch_size"])
-        sides = {"ours": lambda: train.contrastive_step(ours, fmt, batch, args, contextlib.nullcontext())[0],
-                 "ours one pass": lambda: train.contrastive_step(ours, fmt, batch, one_pass, contextlib.nullcontext())[0],
+        sides = {"ours": lambda: bireco.contrastive_step(ours, fmt, batch, args.chunk, args.temperature)[0],
+                 "ours one pass": lambda: bireco.contrastive_step(ours, fmt, batch, one_pass.chunk, args.temperature)[0],
                  "ref": lambda: ref_contrastive(ref, fmt, batch, args.temperature)}
         steps = steps_of(sides, {k: ours if k.startswith("ours") else ref for k in sides})
         for go in steps.values():
@@ -645,8 +645,8 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
         seqs = [fmt.embed_ids(p.query, p.instruction) for p in batch] + [fmt.embed_ids(p.positive) for p in batch] + [
             fmt.embed_ids(p.negative) for p in batch if p.negative]
         lengths = [len(x) for x in seqs]
-        chunks = train.token_chunks(lengths, args.chunk)
-        padded = train.padded_size(lengths, chunks)
+        chunks = bireco.token_chunks(lengths, args.chunk)
+        padded = bireco.padded_size(lengths, chunks)
         passes.append(f"{name} {len(chunks)} ({padded} padded tokens of {sum(lengths)} real, "
                       f"{'plain' if padded <= args.chunk else 'cached'})")
         flops2.append(model_flops(ours, lengths, training=False) * 2)  # frozen base: forward + input grads
@@ -666,7 +666,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
 def peak_size(device, dtype):
     if device.type == "cuda":
         return 8192
-    fast_bf16 = bireco.auto_dtype(device) == torch.bfloat16  # bf16 matrix units: as large as fp32
+    fast_bf16 = hardware.auto_dtype(device) == torch.bfloat16  # bf16 matrix units: as large as fp32
     return 1024 if dtype == "bfloat16" and not fast_bf16 else 2048
 
 
@@ -698,7 +698,7 @@ def main():
     report = Report()
     print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}) "
           f"| torch {torch.__version__} | transformers {transformers.__version__}", flush=True)
-    dtypes = sorted({d for _, d in runs} | ({str(bireco.auto_dtype(device)).removeprefix("torch."), "float32"}
+    dtypes = sorted({d for _, d in runs} | ({str(hardware.auto_dtype(device)).removeprefix("torch."), "float32"}
                                            if recipe else set()))
     peaks = {d: [matmul_peak(device, DTYPES[d], peak_size(device, d))] for d in dtypes}
     if device.type == "cpu" and "bfloat16" in dtypes:

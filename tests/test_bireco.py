@@ -384,17 +384,6 @@ def test_reconstruction_gap(model, fmt, rows, task):
     assert abs(shuffled - sum(rolled).item() / sum(len(y) for y in tgt)) < 1e-5
 
 
-def test_auto_dtype_follows_the_hardware():
-    """bf16 where matmuls have bf16 units (CUDA; a CPU flag amx_bf16 or avx512_bf16, with torch's
-    AVX-512 kernels in use), else fp32."""
-    assert bireco.auto_dtype("cuda:0") == torch.bfloat16
-    assert bireco.auto_dtype("cpu", "flags\t: fpu sse2 avx2 fma", "AVX2") == torch.float32
-    assert bireco.auto_dtype("cpu", "flags\t: avx2 avx512f avx512_vnni", "AVX512") == torch.float32  # no bf16 units
-    assert bireco.auto_dtype("cpu", "flags\t: avx512f avx512_bf16 avx512_vnni", "AVX512") == torch.bfloat16
-    assert bireco.auto_dtype("cpu", "flags\t: avx2 amx_bf16 amx_tile", "AVX512") == torch.bfloat16
-    assert bireco.auto_dtype("cpu", "flags\t: avx2 amx_bf16 amx_tile", "DEFAULT") == torch.float32  # kernels off
-
-
 def test_reconstruct_is_greedy_decoding_through_transformers(model, fmt, rows, tiny_model_dir):
     """bireco.reconstruct equals a hand-written greedy loop through transformers fed the same
     anchor as inputs_embeds; a row stops at stop_id, the others go on."""

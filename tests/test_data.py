@@ -3,11 +3,13 @@ the Stage I task schedule."""
 
 import gzip
 import json
+import math
 
 import pytest
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
 from tokenizers import models as tok_models
 
+import data
 from data import INSTRUCTIONS, Batches, DataError, Pair, TextFormat, load_pairs, stage1_task
 from model import load_tokenizer
 
@@ -331,3 +333,16 @@ def test_schedule_other_ratios():
     t = tasks(0.7, 0.3)
     assert t.count("d2q") == 70 and t.count("q2d") == 30
     assert all(t[i:i + 10].count("q2d") == 3 for i in range(0, 100, 10))  # spread evenly
+
+
+def test_bm25_by_hand(tmp_path):
+    """Three documents, two queries. "cat" is in d0 (3 words) and d2 (5 words): BM25 puts the
+    shorter d0 first, so the relevant d2 is at rank 2 and scores 1 / log2(3) = 0.6309. "dogs"
+    matches d1 only ("dog" in d2 is another token: no stemming): rank 1, 1.0. Mean 0.8155."""
+    rows = lambda texts: "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items())
+    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt") as f:
+        f.write(rows({"d0": "the cat sat", "d1": "dogs bark loudly", "d2": "a cat and a dog"}))
+    with gzip.open(tmp_path / "queries.jsonl.gz", "wt") as f:
+        f.write(rows({"q0": "Cat?", "q1": "dogs"}))
+    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td2\t1\nq1\td1\t1\n")
+    assert data.bm25_ndcg10(str(tmp_path)) == pytest.approx((1 / math.log2(3) + 1) / 2)

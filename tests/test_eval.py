@@ -76,6 +76,7 @@ def test_two_models_make_one_table(two_model_run, tiny_model_dir):
     lines = proc.stdout.splitlines()
     header = lines[next(i for i, line in enumerate(lines) if line.startswith("WordNetSenseRetrieval ndcg")) - 1]
     assert header.split() == [os.path.basename(tiny_model_dir), "tiny-copy", "BM25"]
+    import data
     import eval as ev
 
     for task in ("WordNetSenseRetrieval", "ManPageRetrieval"):
@@ -84,24 +85,9 @@ def test_two_models_make_one_table(two_model_run, tiny_model_dir):
             a, b, bm25 = row.split()[2:]
             assert float(a) == float(b)  # the copy holds the same weights
             if metric == "ndcg_at_10":  # BM25 on the same split, beside the models
-                assert float(bm25) == pytest.approx(ev.bm25_ndcg10(ev.TASKS[task]("test").path), abs=5e-5)
+                assert float(bm25) == pytest.approx(data.bm25_ndcg10(ev.TASKS[task]("test").path), abs=5e-5)
             else:
                 assert bm25 == "-"
-
-
-def test_bm25_by_hand(tmp_path):
-    """Three documents, two queries. "cat" is in d0 (3 words) and d2 (5 words): BM25 puts the
-    shorter d0 first, so the relevant d2 is at rank 2 and scores 1 / log2(3) = 0.6309. "dogs"
-    matches d1 only ("dog" in d2 is another token: no stemming): rank 1, 1.0. Mean 0.8155."""
-    import eval as ev
-
-    rows = lambda texts: "".join(json.dumps({"id": k, "text": v}) + "\n" for k, v in texts.items())
-    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt") as f:
-        f.write(rows({"d0": "the cat sat", "d1": "dogs bark loudly", "d2": "a cat and a dog"}))
-    with gzip.open(tmp_path / "queries.jsonl.gz", "wt") as f:
-        f.write(rows({"q0": "Cat?", "q1": "dogs"}))
-    (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td2\t1\nq1\td1\t1\n")
-    assert ev.bm25_ndcg10(str(tmp_path)) == pytest.approx((1 / math.log2(3) + 1) / 2)
 
 
 def test_instruction_convention(tiny_model_dir):
@@ -256,7 +242,7 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
 
 def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     """--reconstruct 2: the first two held-out pairs with their four regenerated sides, then the
-    true vs shuffled anchor loss over the whole split, equal to bireco's diagnostic run here."""
+    true vs shuffled anchor loss over the whole split, equal to bireco's per-batch diagnostic."""
     import torch
 
     import bireco
@@ -268,19 +254,18 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     pairs = data.split_pairs(os.path.join(ROOT, "wordnet", "validation"), data.INSTRUCTIONS["wordnet"])
     lines = proc.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if "WordNetSenseRetrieval (validation split), 2 pairs" in line)
+    start = next(i for i, line in enumerate(lines) if line.startswith("samples (validation pairs;"))
     block = [line.split(None, 1) for line in lines[start + 1:start + 13]]
     assert [k for k, _ in block] == ["query", "document", "EBQ2D", "shuffled", "EBD2Q", "shuffled"] * 2
     assert [block[0][1], block[1][1], block[6][1]] == [pairs[0].query, pairs[0].positive, pairs[1].query]
+    assert lines[start + 13].startswith(f"validation pairs gap, WordNetSenseRetrieval ({len(pairs)} pairs;")
     model = load_model(tiny_model_dir).eval()
     fmt = data.TextFormat(*load_tokenizer(tiny_model_dir))
     for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
-        line = next(line for line in lines[start + 13:] if line.strip().startswith(f"{label} target loss"))
-        assert f"over {len(pairs)} pairs" in line
         with torch.no_grad():
             gaps = [bireco.reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
         true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
-        assert f"true anchor {true:.3f}, shuffled {shuffled:.3f}" in line
+        assert f"{label} {shuffled - true:+.3f} (own {true:.3f}, another's {shuffled:.3f}" in lines[start + 14]
 
 
 def test_average_of_bundled_and_mteb_tasks():

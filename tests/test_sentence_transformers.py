@@ -79,12 +79,12 @@ def test_named_prompts_follow_the_eval_convention(checkpoint):
 
 
 def test_real_smollm2_through_the_export_command(tmp_path):
-    """`python bireco.py OUT` exports the embedded SmolLM2; sentence-transformers then embeds
+    """`python data.py OUT` exports the embedded SmolLM2; sentence-transformers then embeds
     WordNet and man-page texts as Embedder does."""
     from smollm2 import default_model_dir
 
     out = tmp_path / "smollm2-st"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bireco.py"), str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isfile(out / "modules.json") and os.path.isfile(out / "model.safetensors")
