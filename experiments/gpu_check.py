@@ -7,7 +7,7 @@ One prepared check for a machine with a GPU: about 8 minutes on one H200, one ta
 1. Correctness on the device, on a tiny random model: our logits against transformers' in fp32;
    both stages' losses in bf16 (autocast, as train.py) finite and close to fp32; the cached
    Stage II step's gradients equal to the plain step's.
-2. Speed and memory against transformers (tests/benchmark.py's comparison: Stage I sum and
+2. Speed and memory against transformers (experiments/benchmark.py's comparison: Stage I sum and
    interleaved steps, encoding, MFU against a matmul peak measured in the same run) on random
    weights shaped like Llama-3.2-1B (16 layers, hidden 2048, vocabulary 128,256) in bf16, Stage I
    documents of 256+ tokens with activation checkpointing, as the paper trains.
@@ -15,8 +15,8 @@ One prepared check for a machine with a GPU: about 8 minutes on one H200, one ta
    (3,072 texts) at 512 tokens, LoRA r16, through the cached step: whether it fits, its time and
    peak memory.
 Targets (performance issue): Stage I >= 1.25x the reference's speed at <= 0.6x its memory, Stage I
-MFU >= 40%, encoding MFU >= 50%. Needs torch, transformers, safetensors, tokenizers, numpy and
-pytest (tests/conftest.py builds the tiny model), no mteb, no gguf and no network: the tokenizer is
+MFU >= 40%, encoding MFU >= 50%. Needs torch, transformers, safetensors, tokenizers and numpy
+(experiments/tiny.py builds the tiny model), no mteb, no gguf and no network: the tokenizer is
 trained on the bundled WordNet text.
 """
 
@@ -27,11 +27,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 
-import benchmark  # noqa: E402  (tests/benchmark.py: the reference and the measuring helpers)
+import benchmark  # noqa: E402  (experiments/benchmark.py: the reference and the measuring helpers)
 import torch  # noqa: E402
-from conftest import make_tiny_checkpoint  # noqa: E402
+from tiny import make_tiny_checkpoint  # noqa: E402
 
 import bireco  # noqa: E402
 import hardware  # noqa: E402

@@ -3,11 +3,11 @@ Speed and memory of this implementation against the ordinary `transformers` way 
 work, on the same weights and the same batches, in one run. Not a test (pytest does not collect
 it); run it directly:
 
-  python tests/benchmark.py                    # CPU defaults: about 8 minutes on 2 cores
-  python tests/benchmark.py --configs recipe   # only the default recipe's steps
-  python tests/benchmark.py --device cuda      # the default where a GPU is present: bf16
-  python tests/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
-  python tests/benchmark.py --configs smollm2 --batch-size 8 --doc-tokens 256 --max-length 320 \
+  python experiments/benchmark.py                    # CPU defaults: about 8 minutes on 2 cores
+  python experiments/benchmark.py --configs recipe   # only the default recipe's steps
+  python experiments/benchmark.py --device cuda      # the default where a GPU is present: bf16
+  python experiments/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
+  python experiments/benchmark.py --configs smollm2 --batch-size 8 --doc-tokens 256 --max-length 320 \
       --grad-ckpt --sum-only --repeats 1      # paper-shaped Stage I: passages, checkpointing
 
 What is compared, for each model config and dtype
@@ -119,7 +119,7 @@ import bireco  # noqa: E402
 import hardware  # noqa: E402
 from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
-from conftest import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
+from tiny import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
 
 CONFIGS = ("recipe", "smollm2", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
