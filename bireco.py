@@ -52,7 +52,8 @@ def at_least_fp32(t):
 
 
 def last_index(mask):
-    """mask (B, T) True at real tokens, padding on either side -> (B,) each row's last real index."""
+    """mask (B, T) True at real tokens, padding on either side -> (B,) each row's last real
+    index."""
     return (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
 
 
@@ -73,11 +74,12 @@ def embed(model: Transformer, ids, mask, eos_id: int | None = None, pooling: str
     if eos_id is not None:  # cheap guard: the pooled token must be the EOS
         last = ids[torch.arange(ids.shape[0], device=ids.device), at]
         assert (last == eos_id).all(), f"pooled token ids {last.tolist()} are not EOS {eos_id}"
-    return model(ids, padding_mask=mask, last=at)[:, 0]  # the final layer at the pooled position only
+    return model(ids, padding_mask=mask, last=at)[:, 0]  # the final layer at the pooled position
 
 
 def embed_texts(model, fmt: TextFormat, items: list[tuple[str | None, str]], pooling="last"):
-    """E(text) for (instruction, text) pairs (instruction None for documents): (B, D), differentiable."""
+    """E(text) for (instruction, text) pairs (instruction None for documents): (B, D),
+    differentiable."""
     ids, mask = pad([fmt.embed_ids(text, instruction) for instruction, text in items], fmt.pad_id)
     return embed(model, ids, mask, fmt.eos_id, pooling)
 
@@ -85,12 +87,13 @@ def embed_texts(model, fmt: TextFormat, items: list[tuple[str | None, str]], poo
 class Embedder:
     """Inference-time text embedder: encode(texts) -> (N, D) float32 numpy array."""
 
-    def __init__(self, model: Transformer, fmt: TextFormat, pooling: str = "last", normalize: bool = True):
+    def __init__(self, model: Transformer, fmt: TextFormat, pooling: str = "last",
+                 normalize: bool = True):
         self.model, self.fmt, self.pooling, self.normalize = model.eval(), fmt, pooling, normalize
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", dtype=torch.float32, max_length: int = 512):
-        """The embedder of a checkpoint folder (a train.py checkpoint or any HF Llama / Qwen folder)."""
+        """The embedder of a checkpoint folder (train.py's, or any HF Llama / Qwen folder)."""
         tokenizer, eos_ids = load_tokenizer(path)
         return cls(load_model(path, device, dtype), TextFormat(tokenizer, eos_ids, max_length))
 
@@ -98,7 +101,7 @@ class Embedder:
     def encode(self, texts: list[str], instruction: str | None = None, batch_size: int = 32,
                progress: bool = False) -> np.ndarray:
         seqs = [self.fmt.embed_ids(t, instruction) for t in texts]
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # length-sorted: little padding
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # by length: little padding
         starts = range(0, len(seqs), batch_size)
         if progress:
             from tqdm import tqdm
@@ -123,7 +126,8 @@ LOGITS_PER_CHUNK = 2 ** 25  # logits held at once by target_cross_entropy: 128 M
 
 def _chunked_cross_entropy(h, weight, y, chunk, row_weights=None, grad_h=None, grad_w=None):
     """Cross-entropy of each row of the logits h @ weight.T against y, `chunk` rows at a time:
-    (N,) in fp32 (fp64 for fp64 inputs). Given buffers, also the gradient of sum(row_weights * ce): per chunk, d ce / d logits
+    (N,) in fp32 (fp64 for fp64 inputs). Given buffers, also the gradient of
+    sum(row_weights * ce): per chunk, d ce / d logits
     = softmax - one_hot is at hand right after the loss, and gives grad_h = g @ weight and
     grad_w += g.T @ h. Matmuls run in autocast's dtype when it is on (fp32 weights, bf16 compute),
     else in h's; gradients are kept in their buffers' dtypes."""
@@ -174,13 +178,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _):
         if ctx.grads is None:
-            raise RuntimeError("target_cross_entropy: backward ran twice through one loss (retain_graph)")
+            raise RuntimeError("target_cross_entropy: backward ran twice through one loss "
+                               "(retain_graph)")
         grads, ctx.grads = ctx.grads, None  # handed over, not copied: AccumulateGrad may keep them
         grad_h, grad_w = (None if x is None else x.mul_(g) for x in grads)
         return grad_h, grad_w, None, None, None
 
 
-def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int | None = None, weight=None):
+def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int | None = None,
+                         weight=None):
     """Cross-entropy of hidden states h (N, D) against token ids y (N,) through model.lm_head.
     Returns (sum over rows, weighted by row_weights (N,) if given; each row's loss (N,), detached).
     lm_head runs on `chunk` rows at a time (default: LOGITS_PER_CHUNK / V rows), so memory never
@@ -260,7 +266,8 @@ def checkpoint_decoding(path: str, fmt: TextFormat) -> Decoding:
 
 
 def _decoder_input(anchor, tokens, sink=None):
-    """anchor (B, D), tokens (B, m, D), sink (D,) or None -> [sink,] anchor, tokens: (B, P + m, D)."""
+    """anchor (B, D), tokens (B, m, D), sink (D,) or None -> [sink,] anchor, tokens:
+    (B, P + m, D)."""
     x = torch.cat([anchor[:, None, :].to(tokens.dtype), tokens], dim=1)
     if sink is None:
         return x
@@ -284,7 +291,8 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
     if how.shuffle:
         anchor = anchor.roll(1, dims=0)
     anchor = how.read(anchor, W)
-    x = _decoder_input(anchor, tok, None if how.sink_id is None else W[how.sink_id])  # (B, P + n-1, D)
+    sink = None if how.sink_id is None else W[how.sink_id]
+    x = _decoder_input(anchor, tok, sink)  # (B, P + n-1, D)
     P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
     padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)
     h = run(inputs_embeds=x, padding_mask=padding)[:, P:]  # the anchor's and the tokens' positions
@@ -294,13 +302,15 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
 def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
                         how: Decoding = PAPER):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
-    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side, mask (B, n)."""
+    anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side,
+    mask (B, n)."""
     h, y = _decode(model, anchor, targets, mask, how)
     weight = model.lm_head.weight.detach() if how.detach else None
     return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / len(y)
 
 
-def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, chunk: int | None = None,
+def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
+                chunk: int | None = None,
                 how: Decoding = PAPER):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
@@ -309,7 +319,8 @@ def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: st
     return reconstruction_loss(model, anchor, targets, mask, chunk, how), int(mask.sum())
 
 
-def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weights: dict[str, float],
+def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
+                    weights: dict[str, float],
                     chunk: int | None = None, how: Decoding = PAPER):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
@@ -320,10 +331,12 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], weig
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
     wtype = torch.promote_types(h.dtype, torch.float32)
-    row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device) for w, n in zip(weights.values(), sizes)])
+    row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device)
+                             for w, n in zip(weights.values(), sizes)])
     weight = model.lm_head.weight.detach() if how.detach else None
     total, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
-    return total, {task: (part.mean().item(), n) for task, part, n in zip(weights, ce.split(sizes), sizes)}
+    parts = zip(weights, ce.split(sizes), sizes)
+    return total, {task: (part.mean().item(), n) for task, part, n in parts}
 
 
 def _stage1_inputs(model, fmt, pairs, task):
@@ -361,7 +374,8 @@ def token_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     pays where it saves that much padding). Dynamic programming over the cut points."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     n, per_pass = len(order), budget // 16
-    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)  # cost[j]: the first j sorted texts, cut[j]: their last pass's start
+    # cost[j]: the first j sorted texts' least cost, cut[j]: where their last pass starts
+    cost, cut = [0] + [math.inf] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         width = lengths[order[j - 1]]  # the longest of a pass ending at j
         i = j - 1
@@ -399,9 +413,10 @@ def contrastive_step(model: Transformer, fmt: TextFormat, batch: list[Pair], chu
     seqs = [fmt.embed_ids(text, instruction) for instruction, text in items]
     lengths = [len(s) for s in seqs]
     chunks = token_chunks(lengths, chunk)
-    embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id), fmt.eos_id))
+    embed_chunk = lambda c: at_least_fp32(embed(model, *pad([seqs[i] for i in c], fmt.pad_id),
+                                                fmt.eos_id))
     sections = len(items) // len(batch)  # queries, positives (, negatives)
-    order = torch.tensor([i for c in chunks for i in c]).argsort()  # the chunks' order -> the batch's
+    order = torch.tensor([i for c in chunks for i in c]).argsort()  # chunks' order -> batch's
 
     def loss_of(reps):  # (3B, D) in the batch's order
         if gather is not None:
@@ -417,7 +432,8 @@ def contrastive_step(model: Transformer, fmt: TextFormat, batch: list[Pair], chu
     rng, reps = [], []
     with torch.no_grad():  # pass 1: every embedding, no activations kept
         for c in chunks:
-            rng.append((torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            rng.append((torch.get_rng_state(), cuda))
             with ctx:
                 reps.append(embed_chunk(c))
     reps = torch.cat(reps).requires_grad_()  # (3B, D), in the chunks' order
@@ -450,7 +466,8 @@ def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], t
     return true, shuffled
 
 
-def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str = "d2q",
+def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair],
+                             task: str = "d2q",
                              batch: int = 16, how: Decoding = PAPER) -> tuple[float, float]:
     """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
     it): the mean over batches of the true and of the shuffled anchor's loss."""
@@ -459,7 +476,8 @@ def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pa
 
 
 @torch.no_grad()
-def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str, batch: int = 16,
+def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
+                  batch: int = 16,
                   how: Decoding = PAPER, kinds=("true", "shuffled", "mean")) -> dict[str, float]:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
     pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
@@ -480,14 +498,15 @@ def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: 
 def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
                 how: Decoding = PAPER) -> list[list[int]]:
     """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
-    them (how.at_inference()): [the sink,] the anchor, then the tokens chosen so far. One full forward pass per new
-    token (no cache: short outputs, readable code). Each row ends at `stop_id` (not returned) or
-    after `max_new` tokens."""
+    them (how.at_inference()): [the sink,] the anchor, then the tokens chosen so far. One full
+    forward pass per new token (no cache: short outputs, readable code). Each row ends at
+    `stop_id` (not returned) or after `max_new` tokens."""
     W = model.model.embed_tokens.weight
     no_tokens = W.new_zeros(len(anchor), 0, W.shape[1])
     how = how.at_inference()
     anchor = how.read(anchor.to(W.device), W)
-    x = _decoder_input(anchor, no_tokens, None if how.sink_id is None else W[how.sink_id])  # (B, P, D)
+    sink = None if how.sink_id is None else W[how.sink_id]
+    x = _decoder_input(anchor, no_tokens, sink)  # (B, P, D)
     out, done = [[] for _ in range(len(x))], [False] * len(x)
     for _ in range(max_new):
         h = model(inputs_embeds=x)[:, -1]  # (B, D): the state that predicts the next token
@@ -504,20 +523,27 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
 
 @torch.no_grad()
 def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair], tokens: int = 32,
-                           width: int = 160, how: Decoding = PAPER, show: int | None = None) -> list[str]:
+                           width: int = 160, how: Decoding = PAPER,
+                           show: int | None = None) -> list[str]:
     """Printable lines showing what the [EOS] vector remembers: for each of the first `show` pairs
     (default all) its query and document, each regenerated greedily from the other side's vector
     (EBQ2D, EBD2Q) and from the next pair's vector ("shuffled"), each as long as its truth, at most
     `tokens` tokens (decoding without a cache costs the square of the length). Every pair is
     embedded: anchors are read (Decoding.read: centred) over all of them, as a training batch."""
-    clip = lambda t: " ".join(t.split()) if len(t) <= width else " ".join(t.split())[:width - 3] + "..."
+
+    def clip(text):  # one line, at most `width` characters
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[:width - 3] + "..."
+
     how, W = how.at_inference(), model.model.embed_tokens.weight
     n, rows = show or len(pairs), {}
-    for task, sources, truths in (("q2d", [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]),
-                                  ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs])):
+    sides = (("q2d", [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]),
+             ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs]))
+    for task, sources, truths in sides:
         lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths[:n]]
         anchor = how.read(embed_texts(model, fmt, sources), W)
-        out = reconstruct(model, torch.cat([anchor[:n], anchor.roll(-1, dims=0)[:n]]), fmt.eos_id, max(lengths),
+        both = torch.cat([anchor[:n], anchor.roll(-1, dims=0)[:n]])  # own, then the next pair's
+        out = reconstruct(model, both, fmt.eos_id, max(lengths),
                           replace(how, centre=False))  # read already
         rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
     lines = []
@@ -528,22 +554,24 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
     return lines
 
 
-def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]], how: Decoding = PAPER,
-                   show: int = 1, what: str = "held-out pairs", at: str = "") -> list[str]:
+def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]],
+                   how: Decoding = PAPER, show: int = 1, what: str = "held-out pairs",
+                   at: str = "") -> list[str]:
     """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
     its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
     the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
-    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: e.g. " at step 50"."""
-    lines = [f"samples{at} ({what}; each side regenerated from the other's [EOS] vector, and from another pair's):"]
+    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: " at step 50"."""
+    lines = [f"samples{at} ({what}; each side regenerated from the other's [EOS] vector, and from "
+             "another pair's):"]
     for pairs in sets.values():
         lines += reconstruction_samples(model, fmt, pairs[:max(show + 1, 16)], how=how, show=show)
     for name, pairs in sets.items():
         if len(pairs) < 2:
             continue
         g = {task: anchor_losses(model, fmt, pairs, task, how=how) for task in ("d2q", "q2d")}
-        lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given another pair's "
-                  "anchor minus given its own):",
-                  "  " + " | ".join(f"{label} {x['shuffled'] - x['true']:+.3f} (own {x['true']:.3f}, another's "
-                                    f"{x['shuffled']:.3f}, mean {x['mean']:.3f})"
-                                    for label, x in (("EBD2Q", g["d2q"]), ("EBQ2D", g["q2d"])))]
+        cells = (f"{label} {x['shuffled'] - x['true']:+.3f} (own {x['true']:.3f}, another's "
+                 f"{x['shuffled']:.3f}, mean {x['mean']:.3f})"
+                 for label, x in (("EBD2Q", g["d2q"]), ("EBQ2D", g["q2d"])))
+        lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
+                  "another pair's anchor minus given its own):", "  " + " | ".join(cells)]
     return lines

@@ -32,15 +32,18 @@ INSTRUCTIONS = {
     "allnli": ["Given a premise, retrieve a hypothesis that is entailed by the premise",
                "Retrieve semantically similar text"],
     "dureader": "Given a Chinese search query, retrieve web passages that answer the question",
-    "eli5_question_answer": "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum",
+    "eli5_question_answer":
+        "Provided a user question, retrieve the highest voted answers on Reddit ELI5 forum",
     "fever": "Given a claim, retrieve documents that support or refute the claim",
     "hotpot_qa": "Given a multi-hop question, retrieve documents that can help answer the question",
     "miracl": "Given a question, retrieve Wikipedia passages that answer the question",
     "mrtydi": "Given a question, retrieve Wikipedia passages that answer the question",
     "msmarco_passage": "Given a web search query, retrieve relevant passages that answer the query",
-    "msmarco_document": "Given a web search query, retrieve relevant documents that answer the query",
+    "msmarco_document":
+        "Given a web search query, retrieve relevant documents that answer the query",
     "nq": "Given a question, retrieve Wikipedia passages that answer the question",
-    "quora_duplicates": ["Given a question, retrieve questions that are semantically equivalent to the given question",
+    "quora_duplicates": ["Given a question, retrieve questions that are semantically equivalent to "
+                         "the given question",
                          "Find questions that have the same meaning as the input question"],
     "squad": "Retrieve Wikipedia passages that answer the question",
     "t2ranking": "Given a Chinese search query, retrieve web passages that answer the question",
@@ -65,7 +68,8 @@ class Pair:
     instruction: str
 
 
-BUNDLED_TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}  # eval task -> folder, dataset
+# eval task -> its folder and dataset name
+BUNDLED_TASKS = {"WordNetSenseRetrieval": "wordnet", "ManPageRetrieval": "manpages"}
 
 
 def task_instructions() -> dict[str, str]:
@@ -102,7 +106,8 @@ def load_pairs(*sources: str) -> dict[str, list[Pair]]:
     for source in sources:
         for name, pairs in _load_source(source).items():
             if name in data:
-                raise DataError(f"{source}: a second dataset named {name!r}: give each file its own name")
+                raise DataError(f"{source}: a second dataset named {name!r}: give each file its "
+                                "own name")
             data[name] = pairs
     return data
 
@@ -127,8 +132,8 @@ def _load_source(source):
             for key in ("query", "positive", "negative", "instruction"):
                 if row.get(key) is None:
                     if key in ("query", "positive"):
-                        raise DataError(f"{path}:{n}: missing field {key!r} (each line needs query, "
-                                        "positive; negative is optional)")
+                        raise DataError(f"{path}:{n}: missing field {key!r} (each line needs "
+                                        "query, positive; negative is optional)")
                 elif not isinstance(row[key], str) or not row[key].strip():
                     raise DataError(f"{path}:{n}: field {key!r} is empty or not a string")
             has = row.get("negative") is not None
@@ -136,8 +141,8 @@ def _load_source(source):
                 first_negative = (has, n)
             elif has != first_negative[0]:
                 raise DataError(f"{path}:{n}: {'has' if has else 'has no'} \"negative\" but line "
-                                f"{first_negative[1]} {'has none' if has else 'has one'}: give every line "
-                                "of a file a negative or none")
+                                f"{first_negative[1]} {'has none' if has else 'has one'}: give "
+                                "every line of a file a negative or none")
             instruction = row.get("instruction") or INSTRUCTIONS.get(name)
             if instruction is None:
                 raise DataError(f"{path}:{n}: no instruction for dataset {name!r}: add an "
@@ -158,7 +163,8 @@ def _load_source(source):
 class TextFormat:
     """Turns (instruction, text) pairs into token ids the same way everywhere.
 
-    Embedding input: [begin-of-text] [user-turn opening] ["Instruct: {instruction}\\nQuery: "] text EOS
+    Embedding input:
+      [begin-of-text] [user-turn opening] ["Instruct: {instruction}\\nQuery: "] text EOS
     Reconstruction target: the text's own tokens only (Stage I predicts content, not templates).
     The chat format is recognised from the vocabulary: ChatML (Qwen, SmolLM2) or Llama-3 headers;
     any other tokenizer gets the plain text followed by its EOS."""
@@ -179,7 +185,8 @@ class TextFormat:
         at = next(i for i in range(len(full)) if full[i:i + len(probe)] == probe)
         before, after = full[:at], full[at + len(probe):]
         opening_ids = self.ids(opening)
-        templated = after == [self.eos_id] and before[len(before) - len(opening_ids):] == opening_ids
+        ends_in_opening = before[len(before) - len(opening_ids):] == opening_ids
+        templated = after == [self.eos_id] and ends_in_opening
         self.head = before if templated else before + opening_ids
         self.pad_id = self.eos_id  # pads are masked out; any valid id does
         self.truncated = 0  # texts shortened to fit max_length, reported by the caller
@@ -196,14 +203,16 @@ class TextFormat:
 
     def embed_ids(self, text: str, instruction: str | None = None) -> list[int]:
         # instruction and text are one string, tokenized in one piece, as sentence-transformers
-        # tokenizes a prompt and its text (tokenized apart, "Query: " would end in a lone space token)
+        # tokenizes a prompt and its text (tokenized apart, "Query: " would end in a lone space)
         prefix = f"Instruct: {instruction}\nQuery: " if instruction else ""
         if prefix not in self._prefix_len:
             self._prefix_len[prefix] = len(self.ids(prefix))
-        if len(self.head) + self._prefix_len[prefix] + 2 > self.max_length:  # else the cut would eat the instruction
+        template = len(self.head) + self._prefix_len[prefix]
+        if template + 2 > self.max_length:  # else the cut would eat the instruction
             raise ValueError(f"max_length={self.max_length} leaves no room for text after the "
-                             f"{len(self.head) + self._prefix_len[prefix]}-token template and instruction {instruction!r}")
-        return self.head + self._fit(self.ids(prefix + text), self.max_length - len(self.head) - 1) + [self.eos_id]
+                             f"{template}-token template and instruction {instruction!r}")
+        room = self.max_length - len(self.head) - 1
+        return self.head + self._fit(self.ids(prefix + text), room) + [self.eos_id]
 
     def target_ids(self, text: str) -> list[int]:
         return self._fit(self.ids(text), self.max_length - 1)  # the anchor takes one position
@@ -227,7 +236,8 @@ def read_split(folder: str):
                        for f in ("queries.jsonl.gz", "corpus.jsonl.gz"))
     qrels = {}
     with open(os.path.join(folder, "qrels.tsv")) as f:
-        for q, d, score in (line.split("\t") for line in list(f)[1:]):  # header: query-id corpus-id score
+        rows = (line.split("\t") for line in list(f)[1:])  # header: query-id corpus-id score
+        for q, d, score in rows:
             qrels.setdefault(q, {})[d] = int(score)
     return queries, corpus, qrels
 
@@ -274,7 +284,8 @@ def heldout_sets(sources: list[str], n: int) -> dict[str, list[Pair]]:
     for source in sources:
         source = os.path.normpath(source)
         held_out = os.path.join(os.path.dirname(source), "validation")
-        if os.path.basename(source) == "train" and os.path.isfile(os.path.join(held_out, "qrels.tsv")):
+        has_split = os.path.isfile(os.path.join(held_out, "qrels.tsv"))
+        if os.path.basename(source) == "train" and has_split:
             instruction = next(iter(load_pairs(source).values()))[0].instruction
             sets[os.path.basename(os.path.dirname(source))] = split_pairs(held_out, instruction, n)
     return sets
@@ -301,7 +312,8 @@ class Batches:
     code's E5 loader); mix="equal" visits each as often as the largest, a smaller dataset passing
     over its pairs again, freshly shuffled, as many times as it takes."""
 
-    def __init__(self, data: dict[str, list[Pair]], batch_size: int, seed: int = 0, mix: str = "size"):
+    def __init__(self, data: dict[str, list[Pair]], batch_size: int, seed: int = 0,
+                 mix: str = "size"):
         small = {k: len(v) for k, v in data.items() if len(v) < batch_size}
         if small:
             raise DataError(f"datasets smaller than one batch of {batch_size}: {small}; "
@@ -377,31 +389,36 @@ def save_sentence_transformers(path: str, fmt: TextFormat, dim: int, max_length:
     """Makes the model folder `path` load as sentence_transformers.SentenceTransformer(path) and
     embed as Embedder does: its tokenizer.json gets a post-processor that wraps every text in the
     user-turn template and the EOS (so the instruction and the text are one string, tokenized in
-    one piece, as in TextFormat); then last-token pooling and normalisation; prompts as st_prompts."""
+    one piece, as in TextFormat); then last-token pooling and normalisation; prompts as
+    st_prompts."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
 
     tok = Tokenizer.from_str(fmt.tok.to_str())  # a copy: fmt's tokenizer stays as it is
     eos = tok.id_to_token(fmt.eos_id)
-    head = [dict(id="[TEMPLATE]", ids=fmt.head, tokens=[tok.id_to_token(i) for i in fmt.head])] if fmt.head else []
+    head = [dict(id="[TEMPLATE]", ids=fmt.head, tokens=[tok.id_to_token(i) for i in fmt.head])]
+    head = head if fmt.head else []
     single = ("[TEMPLATE] " if head else "") + f"$A {eos}"
     tok.post_processor = TemplateProcessing(single=single, pair=f"{single} $B:1 {eos}:1",
                                             special_tokens=head + [(eos, fmt.eos_id)])
     tok.save(os.path.join(path, "tokenizer.json"))
     config_path = os.path.join(path, "tokenizer_config.json")
     config = json.load(open(config_path)) if os.path.isfile(config_path) else {}
-    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length, eos_token=eos,
-                  pad_token=eos, padding_side="right")  # the class that takes tokenizer.json as it is
+    # PreTrainedTokenizerFast: the class that takes tokenizer.json as it is
+    config.update(tokenizer_class="PreTrainedTokenizerFast", model_max_length=max_length,
+                  eos_token=eos, pad_token=eos, padding_side="right")
     files = {
         "tokenizer_config.json": config,
         "modules.json": [
             dict(idx=0, name="0", path="", type="sentence_transformers.models.Transformer"),
             dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
-            dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize")],
+            dict(idx=2, name="2", path="2_Normalize",
+                 type="sentence_transformers.models.Normalize")],
         "sentence_bert_config.json": dict(max_seq_length=max_length, do_lower_case=False),
         "1_Pooling/config.json": dict(word_embedding_dimension=dim, pooling_mode_cls_token=False,
                                       pooling_mode_mean_tokens=False, pooling_mode_max_tokens=False,
-                                      pooling_mode_mean_sqrt_len_tokens=False, pooling_mode_weightedmean_tokens=False,
+                                      pooling_mode_mean_sqrt_len_tokens=False,
+                                      pooling_mode_weightedmean_tokens=False,
                                       pooling_mode_lasttoken=True, include_prompt=True),
         "config_sentence_transformers.json": dict(
             prompts=st_prompts(task_instructions()),
@@ -421,9 +438,9 @@ if __name__ == "__main__":
     from model import load_tokenizer
     from smollm2 import default_model_dir
 
-    parser = argparse.ArgumentParser(description="Copy a model folder (default: the embedded SmolLM2-135M-"
-                                     "Instruct) into OUT as a folder sentence-transformers loads; train.py's "
-                                     "checkpoints are such folders already.")
+    parser = argparse.ArgumentParser(
+        description="Copy a model folder (default: the embedded SmolLM2-135M-Instruct) into OUT "
+        "as a folder sentence-transformers loads; train.py's checkpoints are such folders already.")
     parser.add_argument("out")
     parser.add_argument("--model", default=None, help="HF checkpoint folder (Llama / Qwen)")
     args = parser.parse_args()

@@ -56,8 +56,9 @@ class ModelConfig:
         def fail(key, value, accepted):
             raise ValueError(f"{where}: unsupported {key}={value!r} (accepted: {accepted})")
 
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in hf]
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
         mt = hf.get("model_type")
@@ -120,7 +121,8 @@ class ModelConfig:
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     d = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    dims = torch.arange(0, d, 2, dtype=torch.float32, device="cpu")
+    inv_freq = 1.0 / cfg.rope_theta ** (dims / d)
     if cfg.rope_scaling is None:
         return inv_freq
     # Llama-3.1 "llama3" scaling: slow down low frequencies, keep high ones, blend in between
@@ -166,9 +168,11 @@ def attention(q, k, v, mask):
     """SDPA; mask None = plain causal. On a CPU, bf16 attention over at most 256 keys runs in fp32
     (autocast off, the result cast back): torch's bf16 CPU kernels are slower than its fp32 ones
     there (forward + backward, 2.5x at 64 tokens, even at 256; faster beyond)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[-2] <= CPU_FP32_ATTENTION_UP_TO:
+    short = k.shape[-2] <= CPU_FP32_ATTENTION_UP_TO
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and short:
         with torch.autocast("cpu", enabled=False):
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                               is_causal=mask is None)
         return y.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
@@ -194,7 +198,8 @@ class Attention(nn.Module):
             xq = x[rows, at][:, None]  # (B, 1, D)
             qcos, qsin = cos[rows, :, at][:, :, None], sin[rows, :, at][:, :, None]
             if mask is None:  # plain causal: the keys up to at[b]
-                mask = torch.arange(T, device=x.device)[None, None, None, :] <= at[:, None, None, None]
+                keys = torch.arange(T, device=x.device)[None, None, None, :]
+                mask = keys <= at[:, None, None, None]
             else:
                 mask = mask[rows, :, at][:, :, None]  # (B, 1, 1, T)
         q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)
@@ -266,7 +271,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.inv_freq = rope_inv_freq(cfg)  # plain fp32 tensor, not a buffer: .to(bf16) leaves it alone
+        self.inv_freq = rope_inv_freq(cfg)  # plain fp32 tensor, not a buffer: .to() leaves it alone
         self.gradient_checkpointing = False
 
     def forward(self, input_ids=None, inputs_embeds=None, padding_mask=None, position_ids=None,
@@ -330,7 +335,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
         shards = ["model.safetensors"]
     for s in shards:
         if not os.path.isfile(os.path.join(path, s)):
-            raise FileNotFoundError(f"{os.path.join(path, s)} not found (weights missing or partial)")
+            raise FileNotFoundError(f"{os.path.join(path, s)} not found (weights missing or "
+                                    "partial)")
 
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -347,7 +353,8 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
                              f"written or corrupt ({e})") from None
         with f:
             for key in f.keys():
-                if key.endswith("rotary_emb.inv_freq") or (cfg.tie_word_embeddings and key == "lm_head.weight"):
+                tied = cfg.tie_word_embeddings and key == "lm_head.weight"
+                if key.endswith("rotary_emb.inv_freq") or tied:
                     continue  # recomputed / tied: the two explicit exceptions
                 if key not in expected:
                     raise ValueError(f"{os.path.join(path, s)}: unexpected tensor {key!r}")
@@ -357,13 +364,15 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
                                      f"config.json implies {tuple(expected[key].shape)}")
                 module_name, _, attr = key.rpartition(".")
                 module = model.get_submodule(module_name)
-                setattr(module, attr, nn.Parameter(t.to(dtype), requires_grad=params[key].requires_grad))
+                trainable = params[key].requires_grad
+                setattr(module, attr, nn.Parameter(t.to(dtype), requires_grad=trainable))
                 seen.add(key)
     missing = sorted(set(expected) - seen)
     if missing:
         listed_in = sorted({weight_map[k] for k in missing if k in weight_map})
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, first {missing[:3]}"
-                         + (f" (the index puts them in {', '.join(listed_in)})" if listed_in else ""))
+        hint = f" (the index puts them in {', '.join(listed_in)})" if listed_in else ""
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, first "
+                         f"{missing[:3]}{hint}")
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -413,5 +422,6 @@ def load_tokenizer(path: str):
                 eos_ids.append(i)
     if not eos_ids:
         raise ValueError(f"{path}: no usable eos_token_id in generation_config.json, config.json "
-                         "or eos_token in tokenizer_config.json (an embedder pools at the EOS token)")
+                         "or eos_token in tokenizer_config.json (an embedder pools at the EOS "
+                         "token)")
     return tok, eos_ids
