@@ -310,8 +310,7 @@ def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | 
 
 
 def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-                chunk: int | None = None,
-                how: Decoding = PAPER):
+                chunk: int | None = None, how: Decoding = PAPER):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
     Returns (loss, target tokens)."""
@@ -320,8 +319,7 @@ def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: st
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
-                    weights: dict[str, float],
-                    chunk: int | None = None, how: Decoding = PAPER):
+                    weights: dict[str, float], chunk: int | None = None, how: Decoding = PAPER):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
     pass then serves all their target rows, each weighted by its task's weight over its task's
@@ -335,8 +333,8 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
                              for w, n in zip(weights.values(), sizes)])
     weight = model.lm_head.weight.detach() if how.detach else None
     total, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
-    parts = zip(weights, ce.split(sizes), sizes)
-    return total, {task: (part.mean().item(), n) for task, part, n in parts}
+    per_task = zip(weights, ce.split(sizes), sizes)
+    return total, {task: (part.mean().item(), n) for task, part, n in per_task}
 
 
 def _stage1_inputs(model, fmt, pairs, task):
@@ -467,8 +465,8 @@ def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], t
 
 
 def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair],
-                             task: str = "d2q",
-                             batch: int = 16, how: Decoding = PAPER) -> tuple[float, float]:
+                             task: str = "d2q", batch: int = 16,
+                             how: Decoding = PAPER) -> tuple[float, float]:
     """reconstruction_gap over many pairs, `batch` at a time (each batch's anchors rolled within
     it): the mean over batches of the true and of the shuffled anchor's loss."""
     losses = anchor_losses(model, fmt, pairs, task, batch, how, kinds=("true", "shuffled"))
@@ -477,8 +475,8 @@ def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pa
 
 @torch.no_grad()
 def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-                  batch: int = 16,
-                  how: Decoding = PAPER, kinds=("true", "shuffled", "mean")) -> dict[str, float]:
+                  batch: int = 16, how: Decoding = PAPER,
+                  kinds=("true", "shuffled", "mean")) -> dict[str, float]:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
     pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
     anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules

@@ -389,15 +389,16 @@ def recon_step(model, fmt, batch, micro, args, ctx):
 
 
 def micro_step(model, fmt, batch, micro, args, ctx):
-    """One batch of either stage, back-propagated at 1 / --grad-accum: {name: (loss, count)}."""
+    """One batch of either stage, back-propagated at 1 / --grad-accum. Returns ({name: (loss,
+    count)}, Stage II's negatives per query or None)."""
     if args.stage == "recon":
         loss, logs = recon_step(model, fmt, batch, micro, args, ctx)
         (loss / args.grad_accum).backward()
-        return logs
+        return logs, None
     gather = gather_batch if WORLD > 1 else None
     value, negatives = contrastive_step(model, fmt, my_slice(batch), args.chunk, args.temperature,
                                         ctx, 1 / args.grad_accum, gather)
-    return {"loss": (value, len(batch)), "negatives": (negatives, 0)}
+    return {"loss": (value, len(batch))}, negatives
 
 
 def print_samples(model, fmt, sets, what, step, ctx, how):
@@ -547,7 +548,7 @@ def main(argv=None):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     print("config:", json.dumps(vars(args), sort_keys=True))
     data, batches, model, fmt, opt, step = build(args, device, resume_from, meta)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = opt.param_groups[0]["params"]  # the trained ones, as build() gave them to AdamW
     n_all, n_trained = (sum(p.numel() for p in ps) / 1e6 for ps in (model.parameters(), params))
     world = f" | world size {WORLD} ({args.batch_size // WORLD} pairs per process)" * (WORLD > 1)
     print(f"model {args.model}: {n_all:.1f}M parameters, {n_trained:.2f}M trained | data "
@@ -569,7 +570,8 @@ def main(argv=None):
         try:
             for micro in range(args.grad_accum):
                 _, batch = next(batches)
-                logs = micro_step(model, fmt, batch, step * args.grad_accum + micro, args, ctx)
+                logs, negatives = micro_step(model, fmt, batch, step * args.grad_accum + micro,
+                                             args, ctx)
                 for k, (v, _) in logs.items():
                     window.setdefault(k, []).append(v)
                     if not math.isfinite(v):
@@ -593,9 +595,8 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.steps:
             dt, tokens = time.time() - t0, window.pop("tokens")
-            negatives = window.pop("negatives", None)
             losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items())
-            extra = f" | negatives/query {negatives[-1]}" if negatives else ""
+            extra = f" | negatives/query {negatives}" if negatives is not None else ""
             eta = dt / (step - first) * (args.steps - step)
             print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
                   f"{extra} | eta {eta / 60:.1f} min", flush=True)
