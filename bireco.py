@@ -394,7 +394,7 @@ def padded_size(lengths: list[int], chunks: list[list[int]]) -> int:
     return sum(len(c) * max(lengths[i] for i in c) for c in chunks)
 
 
-def contrastive_step(model: Transformer, fmt: TextFormat, batch: list[Pair], chunk: int = 8192,
+def contrastive_step(model: Transformer, fmt: TextFormat, batch: list[Pair], chunk: int = 1024,
                      temperature: float = 0.02, ctx=nullcontext(), scale: float = 1.0, gather=None):
     """Stage II on one batch: embeds queries, positives and hard negatives, takes the InfoNCE loss
     and back-propagates loss * scale into the model. Returns (loss, negatives per query).
