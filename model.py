@@ -32,14 +32,16 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class ModelConfig:
+    """The shape and the variant of the architecture: what the four families differ in is a
+    handful of flags (biases, q/k norms, RoPE scaling), everything else is shared."""
     model_type: str  # llama | mistral | qwen2 | qwen3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
+    num_key_value_heads: int  # K < H: grouped-query attention (SmolLM2: 9 query heads, 3 K/V)
+    head_dim: int  # d, D / H unless config.json says otherwise (Qwen3 sets it)
     rms_norm_eps: float
     rope_theta: float
     rope_scaling: dict | None = None  # only Llama-3.1's "llama3" frequency scaling is supported
@@ -53,6 +55,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """The fields of a HF config.json. A setting this file does not implement is refused by
+        name, never ignored: a model that loads computes what the checkpoint's authors trained."""
         def fail(key, value, accepted):
             raise ValueError(f"{where}: unsupported {key}={value!r} (accepted: {accepted})")
 
@@ -61,6 +65,7 @@ class ModelConfig:
         missing = [k for k in required if k not in hf]
         if missing:
             raise ValueError(f"{where}: missing {', '.join(missing)}")
+        # what the four families share is implemented; each way of differing is a flag below
         mt = hf.get("model_type")
         if mt not in ("llama", "mistral", "qwen2", "qwen3"):
             fail("model_type", mt, "llama, mistral, qwen2, qwen3")
@@ -72,6 +77,7 @@ class ModelConfig:
         if hf.get("use_sliding_window", mt == "mistral") and hf.get("sliding_window") is not None:
             if mt != "mistral" or hf["sliding_window"] < hf.get("max_position_embeddings", 0):
                 fail("sliding_window", hf["sliding_window"], "null or use_sliding_window=false")
+        # newer configs list each layer's attention kind; only full attention is implemented
         if any(t != "full_attention" for t in hf.get("layer_types") or []):
             fail("layer_types", sorted(set(hf["layer_types"])), "full_attention only")
         # RoPE: classic top-level keys (hub checkpoints) or the newer rope_parameters dict
@@ -82,6 +88,7 @@ class ModelConfig:
         if rope_type not in ("default", "llama3"):
             fail("rope_scaling.rope_type", rope_type, "default, llama3")
         heads = hf["num_attention_heads"]
+        # Qwen2 always has q/k/v biases and no o bias; Llama's attention_bias puts one on all four
         bias = hf.get("attention_bias", False)
         return cls(
             model_type=mt,
@@ -105,7 +112,8 @@ class ModelConfig:
         )
 
     def to_hf(self) -> dict:
-        """The config.json that both this loader and `transformers` read back."""
+        """The config.json that both this loader and `transformers` read back: the flags folded
+        back into the HF keys (attention_bias, architectures)."""
         arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
         hf = {f.name: getattr(self, f.name) for f in fields(self)}
         for k in ("qkv_bias", "o_bias", "qk_norm"):
@@ -120,12 +128,18 @@ class ModelConfig:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """(d/2,) rotation speeds: dimension pair i of every head turns by position * theta^(-2i/d)
+    radians, fast for the first pairs, slow for the last (long-range) ones."""
     d = cfg.head_dim
     dims = torch.arange(0, d, 2, dtype=torch.float32, device="cpu")
     inv_freq = 1.0 / cfg.rope_theta ** (dims / d)
     if cfg.rope_scaling is None:
         return inv_freq
-    # Llama-3.1 "llama3" scaling: slow down low frequencies, keep high ones, blend in between
+    # Llama-3.1 "llama3" scaling, to read 128K tokens with a model pre-trained on 8K: the pairs
+    # whose wavelength exceeds the original context / low_freq_factor turn `factor` times slower
+    # (so far positions look like the near ones it was trained on), those shorter than
+    # context / high_freq_factor keep their speed (local order stays sharp), and the pairs in
+    # between interpolate linearly in 1 / wavelength
     s = cfg.rope_scaling
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_ctx = s["original_max_position_embeddings"]
@@ -138,9 +152,13 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x, cos, sin):
+    """Rotates each pair of dimensions (i, i + d/2) of every head by its position's angle:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). The pairs are the two halves ("rotate half"),
+    not neighbours (2i, 2i + 1) as the RoPE paper writes it: the layout HF checkpoints use.
+    q . k then depends on the two positions only through their difference."""
     # x (B, H, T, d); cos, sin (B, 1, T, d) in fp32; the rotation in fp32 or wider (fp64 in tests)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    x1, x2 = xf.chunk(2, dim=-1)
+    x1, x2 = xf.chunk(2, dim=-1)  # (B, H, T, d/2) each
     rotated = torch.cat((-x2, x1), dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
 
@@ -150,6 +168,9 @@ def apply_rope(x, cos, sin):
 
 
 class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps) over the last dimension: LayerNorm without the mean
+    subtraction and the bias. Computed in fp32 (or wider), whatever the input's dtype."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -165,9 +186,10 @@ CPU_FP32_ATTENTION_UP_TO = 256  # keys; see attention()
 
 
 def attention(q, k, v, mask):
-    """SDPA; mask None = plain causal. On a CPU, bf16 attention over at most 256 keys runs in fp32
-    (autocast off, the result cast back): torch's bf16 CPU kernels are slower than its fp32 ones
-    there (forward + backward, 2.5x at 64 tokens, even at 256; faster beyond)."""
+    """softmax(q k^T / sqrt(d) + mask) v through torch's fused kernel (SDPA): q (B, H, Tq, d),
+    k and v (B, H, T, d). mask None = plain causal. On a CPU, bf16 attention over at most 256
+    keys runs in fp32 (autocast off, the result cast back): torch's bf16 CPU kernels are slower
+    than its fp32 ones there (forward + backward, 2.5x at 64 tokens, even at 256; faster beyond)."""
     short = k.shape[-2] <= CPU_FP32_ATTENTION_UP_TO
     if q.device.type == "cpu" and q.dtype == torch.bfloat16 and short:
         with torch.autocast("cpu", enabled=False):
@@ -191,6 +213,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask, at=None):
+        """x (B, T, D) -> (B, T, D), or (B, 1, D) with `at`. Causal self-attention: each position
+        mixes the values of the positions `mask` allows, weighted by softmax(q . k / sqrt(d))."""
         B, T, _ = x.shape
         xq, qcos, qsin = x, cos, sin
         if at is not None:  # queries at one position per row, at[b]; keys and values everywhere
@@ -202,32 +226,41 @@ class Attention(nn.Module):
                 mask = keys <= at[:, None, None, None]
             else:
                 mask = mask[rows, :, at][:, :, None]  # (B, 1, 1, T)
+        # the projections split into heads: q (B, Tq, H, d), k and v (B, T, K, d); Tq = T, or 1
         q = self.q_proj(xq).view(B, xq.shape[1], self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm"):  # Qwen3: each head's q and k normalised before the rotation
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, d)
         q, k = apply_rope(q, qcos, qsin), apply_rope(k, cos, sin)
         # grouped-query attention: each key/value head serves H/K query heads
+        # (query head h reads key/value head h // (H/K)): (B, K, T, d) -> (B, H, T, d)
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         y = attention(q, k, v, mask)  # (B, H, Tq, d)
+        # the heads side by side again, (B, Tq, H * d), and mixed by one projection to (B, Tq, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, xq.shape[1], -1))
 
 
 class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), D -> I -> D with I the intermediate size (1,536 in
+    SmolLM2-135M): the gate's SiLU decides, element by element, how much of `up` passes."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x):
+    def forward(self, x):  # (B, T, D) -> (B, T, I) -> (B, T, D)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
+    """One pre-norm layer: x + attention(norm(x)), then x + MLP(norm(x)). The residual stream x
+    itself is never normalised; each sublayer reads a normalised copy and adds its output."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -236,10 +269,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, cos, sin, mask, at=None):
+        # with `at`, keys and values still come from every position of h, the query from one
         h = self.input_layernorm(x)
         if at is not None:  # only position at[b] of each row goes on: (B, 1, D)
             x = x[torch.arange(x.shape[0], device=x.device), at][:, None]
-        x = x + self.self_attn(h, cos, sin, mask, at)
+        x = x + self.self_attn(h, cos, sin, mask, at)  # (B, T, D) or (B, 1, D)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -249,10 +283,11 @@ def attention_mask(padding_mask, causal: bool):
     plain causal attention is already exact: causal, with every row's padding after its real
     tokens (data.pad), so no real query reaches a pad key. SDPA then runs with is_causal, which
     needs no mask in memory and allows its fastest kernels."""
+    # a pad followed by a real token anywhere = left padding (or holes): the mask must be explicit
     if causal and not (padding_mask[:, 1:] & ~padding_mask[:, :-1]).any():
         return None
     B, T = padding_mask.shape
-    allowed = padding_mask[:, None, None, :].expand(B, 1, T, T)
+    allowed = padding_mask[:, None, None, :].expand(B, 1, T, T)  # every query, the real keys
     if causal:
         allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=padding_mask.device).tril()
     # a padding query sees no real key; letting every query see itself keeps its softmax finite
@@ -260,6 +295,10 @@ def attention_mask(padding_mask, causal: bool):
 
 
 class Transformer(nn.Module):
+    """Token embeddings, L blocks, a final RMSNorm; lm_head (D -> V) is kept for the callers that
+    need logits (Stage I's losses, greedy reconstruction). With tied embeddings (SmolLM2, the small
+    Llama-3.2 and Qwen models) lm_head and embed_tokens are one matrix."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -272,7 +311,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.inv_freq = rope_inv_freq(cfg)  # plain fp32 tensor, not a buffer: .to() leaves it alone
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing = False  # train.py --grad-ckpt: layers rerun in backward
 
     def forward(self, input_ids=None, inputs_embeds=None, padding_mask=None, position_ids=None,
                 causal: bool = True, last=None):
@@ -282,21 +321,23 @@ class Transformer(nn.Module):
         last (B,): when only the state at position last[b] of each row is wanted (an embedding),
         the final layer computes its queries, attention output and MLP there alone (1/L of the
         work saved) and the result is (B, 1, D)."""
+        # Stage I passes inputs_embeds: an [EOS] embedding followed by the target tokens' embeddings
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # x (B, T, D)
         if padding_mask is None:
             padding_mask = torch.ones(B, T, dtype=torch.bool, device=x.device)
         padding_mask = padding_mask.bool()
-        if position_ids is None:
+        if position_ids is None:  # 0, 1, 2, ... over each row's real tokens; pads repeat a position
             position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
         if self.inv_freq.device != x.device:
             self.inv_freq = self.inv_freq.to(x.device)
         freqs = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, d/2)
+        # both halves of a head share a pair's angle (apply_rope's layout): (B, 1, T, d) each
         cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
-        mask = attention_mask(padding_mask, causal)
+        mask = attention_mask(padding_mask, causal)  # None (plain causal) or (B, 1, T, T)
         for i, layer in enumerate(self.model.layers):
             at = last if i == len(self.model.layers) - 1 else None
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training:  # keep x only; rerun in backward
                 x = checkpoint(layer, x, cos, sin, mask, at, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, at)
@@ -308,6 +349,7 @@ class Transformer(nn.Module):
 
 
 def read_json(path: str):
+    """A config file's JSON; a broken one raises ValueError naming the file."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -325,6 +367,7 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found: not a model checkpoint folder")
     cfg = ModelConfig.from_hf(read_json(config_path), where=config_path)
+    # a large checkpoint comes in shards, and its index maps each tensor name to its shard's file
     index, weight_map = os.path.join(path, "model.safetensors.index.json"), {}
     if os.path.isfile(index):
         weight_map = read_json(index).get("weight_map")
@@ -338,9 +381,11 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
             raise FileNotFoundError(f"{os.path.join(path, s)} not found (weights missing or "
                                     "partial)")
 
+    # the modules are built on the meta device (shapes, no memory); each parameter is then replaced
+    # by the file's tensor, so the weights exist once, already in `dtype` on `device`
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
+    expected = {k: v for k, v in model.state_dict().items()}  # key -> meta tensor of its shape
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
     params = dict(model.named_parameters())
@@ -362,18 +407,19 @@ def load_model(path: str, device="cpu", dtype=torch.float32) -> Transformer:
                 if t.shape != expected[key].shape:
                     raise ValueError(f"{os.path.join(path, s)}: {key} has shape {tuple(t.shape)}, "
                                      f"config.json implies {tuple(expected[key].shape)}")
+                # "model.layers.3.mlp.up_proj.weight": module model.layers.3.mlp.up_proj, "weight"
                 module_name, _, attr = key.rpartition(".")
                 module = model.get_submodule(module_name)
                 trainable = params[key].requires_grad
                 setattr(module, attr, nn.Parameter(t.to(dtype), requires_grad=trainable))
                 seen.add(key)
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - seen)  # strict both ways: none unexpected, none missing
     if missing:
         listed_in = sorted({weight_map[k] for k in missing if k in weight_map})
         hint = f" (the index puts them in {', '.join(listed_in)})" if listed_in else ""
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, first "
                          f"{missing[:3]}{hint}")
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:  # the file holds the matrix once; both modules read it
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
@@ -387,7 +433,7 @@ def save_model(model: Transformer, path: str, state_dict: dict | None = None):
     sd = dict(model.state_dict() if state_dict is None else state_dict)
     if model.config.tie_word_embeddings:
         del sd["lm_head.weight"]
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}  # safetensors: dense, on CPU
     save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     hf = model.config.to_hf()
     hf["torch_dtype"] = str(next(iter(sd.values())).dtype).removeprefix("torch.")
@@ -400,6 +446,8 @@ def load_tokenizer(path: str):
     checkpoint's config files declare, in the order generation_config, config, tokenizer_config."""
     from tokenizers import Tokenizer
 
+    # tokenizer.json is the Rust tokenizers library's own format (vocabulary, merges, pre- and
+    # post-processing): every Llama-3.x, Qwen and SmolLM2 checkpoint ships one
     tok_path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{tok_path} not found (a tokenizers-format tokenizer is required)")
@@ -417,6 +465,7 @@ def load_tokenizer(path: str):
             value = value.get("content")
         if isinstance(value, str):
             value = tok.token_to_id(value)
+        # Llama-3's chat checkpoints list several (<|eot_id|>, <|end_of_text|>, ...): keep them all
         for i in value if isinstance(value, list) else [value]:
             if isinstance(i, int) and 0 <= i < tok.get_vocab_size() and i not in eos_ids:
                 eos_ids.append(i)

@@ -5,6 +5,7 @@ it); run it directly:
 
   python experiments/benchmark.py                    # CPU defaults: about 8 minutes on 2 cores
   python experiments/benchmark.py --configs recipe   # only the default recipe's steps
+  python experiments/benchmark.py --configs defaults # train.py's default stages: time and peak RSS
   python experiments/benchmark.py --device cuda      # the default where a GPU is present: bf16
   python experiments/benchmark.py --configs llama3 --dtypes float32 --batch-size 16 --repeats 3
   python experiments/benchmark.py --configs smollm2 --batch-size 8 --doc-tokens 256 --max-length 320 \
@@ -56,6 +57,15 @@ with bf16 matrix units, fp32 elsewhere), the reference doing the same step:
 - Targets: >= 1.5x the reference's pairs/s; MFU >= 40% of the matmul peak of the compute dtype
   (and, for a bf16 run, the same rate against the fp32 peak, also measured).
 
+The defaults (config `defaults`): `python train.py --stage recon` and `--stage contrastive` with
+their default settings for --default-steps steps each, every run a child process, timed whole
+(model loading, the steps and one checkpoint) and its peak resident memory read from the child's
+rusage (what `/usr/bin/time -v` prints as "Maximum resident set size"; it counts what malloc keeps
+cached, unlike the profiler above). Stage II runs again as one plain pass (--chunk 8192, the
+default before the cached step's 1,024) as the reference, so the trade between time and memory
+is in the table. Targets: at most 6 GB each (a 16 GB laptop), Stage II's default at no more than
+1.25x the plain pass's time. In the dtype `--dtype auto` picks, or each of --dtypes.
+
 Workloads
 - The defaults (workload()) fit the whole CPU run into a few minutes: WordNet pairs, whose
   documents are one gloss (~10-40 tokens), so the output layer is a small part of a step.
@@ -104,6 +114,7 @@ import dataclasses
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -121,7 +132,7 @@ from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
 from tiny import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
 
-CONFIGS = ("recipe", "smollm2", "llama3")
+CONFIGS = ("recipe", "defaults", "smollm2", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TARGETS = dict(step="speed >= 1.25x", memory="<= 0.60x", encode_equal=">= 1.00x",
                encode_sorted=">= 1.50x", agree="> 0.999", agree_bf16="ours >= ref - 0.001",
@@ -146,6 +157,8 @@ parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpo
 parser.add_argument("--sum-only", action="store_true", help="time only the sum steps (ours, reference, "
                     "bound), not our one-task steps: for long workloads")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--default-steps", type=int, default=4, help="steps of each default stage "
+                    "(config defaults); the bundled data alternate WordNet and man-pages batches")
 
 
 def workload(device, config, dtype):
@@ -663,6 +676,39 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
         f"of a cached step is work done but not counted")
 
 
+def train_run(argv, out):
+    """`python train.py ARGV --out OUT` in a child process: (wall seconds, the child's peak resident
+    memory in GB, from its rusage as os.wait4 returns it)."""
+    t0 = time.time()
+    with open(os.path.join(out + ".log"), "w") as log:
+        child = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out", out],
+                                 stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"error: train.py {' '.join(argv)} failed; its output: {out}.log")
+    return time.time() - t0, usage.ru_maxrss * 1024 / 1e9  # Linux counts ru_maxrss in KiB
+
+
+def run_defaults(dtype, steps, report, tmp):
+    """train.py's default stages for `steps` steps each (run whole, children of this process), and
+    Stage II as one plain pass as the reference: wall time and peak resident memory."""
+    common = ["--stop-after", str(steps), "--dtype", dtype, "--sample-every", "0", "--log-every", "1"]
+    runs = {"Stage I": ["--stage", "recon"], "Stage II": ["--stage", "contrastive"],
+            "Stage II one pass": ["--stage", "contrastive", "--chunk", "8192"]}
+    got = {name: train_run(argv + common, os.path.join(tmp, f"defaults-{dtype}-{i}"))
+           for i, (name, argv) in enumerate(runs.items())}
+    (t1, m1), (t2, m2), (t_ref, m_ref) = got.values()
+    report.add("defaults", dtype, f"Stage I: {steps} steps, load and save (s)", f"{t1:.0f}")
+    report.add("defaults", dtype, "Stage I peak resident memory (GB)", f"{m1:.2f}", target="<= 6 GB",
+               ok=m1 <= 6)
+    report.add("defaults", dtype, f"Stage II: {steps} steps, load and save (s)", f"{t2:.0f}",
+               f"{t_ref:.0f}", f"{t_ref / t2:.2f}x", ">= 0.80x", t_ref / t2 >= 0.8)
+    report.add("defaults", dtype, "Stage II peak resident memory (GB)", f"{m2:.2f}", f"{m_ref:.2f}",
+               f"{m2 / m_ref:.2f}x", "<= 6 GB", m2 <= 6)
+    report.notes.append("defaults: the reference is Stage II as one plain pass (--chunk 8192); "
+                        "times include loading the model and data and writing one checkpoint")
+
+
 def peak_size(device, dtype):
     if device.type == "cuda":
         return 8192
@@ -688,7 +734,10 @@ def main():
     else:  # bf16 is slow on this kind of CPU: only the small config, on a tiny workload
         runs = [(c, "float32") for c in configs] + [(c, "bfloat16") for c in configs if c == "llama3"]
     recipe = "recipe" in configs  # runs in the dtype train.py picks (--dtype auto), whatever --dtypes says
-    runs = [(c, d) for c, d in runs if c != "recipe"]
+    auto_dtype = str(hardware.auto_dtype(device)).removeprefix("torch.")
+    defaults = sorted({d for c, d in runs if c == "defaults"} if args.dtypes else {auto_dtype}) \
+        if "defaults" in configs else []
+    runs = [(c, d) for c, d in runs if c not in ("recipe", "defaults")]
 
     import transformers
     from smollm2 import default_model_dir
@@ -711,6 +760,8 @@ def main():
     if recipe:
         run_recipe(device, smol, peaks, report, args.seed, args.repeats or 2)
     with tempfile.TemporaryDirectory(prefix="bireco-benchmark-") as tmp:
+        for d in defaults:
+            run_defaults(d, args.default_steps, report, tmp)
         for config, d in runs:
             folder = smol if config == "smollm2" else os.path.join(tmp, config)
             if not os.path.isdir(folder):
