@@ -7,14 +7,11 @@ The two training stages of arXiv 2509.03020, one linear loop.
   torchrun --nproc_per_node=8 train.py ...           # data-parallel; --batch-size: the global batch
 
 The losses and the Stage II step are bireco.py's; this file holds what training needs around them:
-the settings with each stage's defaults, LoRA, the learning-rate schedule, checkpoints and the
-data-parallel plumbing. Stage I interleaves whole batches of EBD2Q and EBQ2D at the ratio of the
-task weights (or sums both losses on every batch with --mode sum, as the official code does).
-
-Every checkpoint is a plain model folder (HF-named safetensors, config.json, tokenizer files,
-meta.json) that model.load_model, eval.py, transformers and sentence-transformers read; LoRA is
-merged on save. A checkpoint is written to a new folder and published by an atomic rename of the
-`latest` link, so a kill mid-save leaves the previous checkpoint intact.
+the settings with each stage's defaults, LoRA, the learning-rate schedule, what a checkpoint holds
+(checkpoint.py writes it atomically) and the data-parallel plumbing. Stage I interleaves whole
+batches of EBD2Q and EBQ2D at the ratio of the task weights (or sums both losses on every batch
+with --mode sum, as the official code does). Every checkpoint is a plain model folder that
+model.load_model, eval.py, transformers and sentence-transformers read (LoRA merged on save).
 Under torchrun every rank draws the same global batch and takes its slice; Stage II gathers the
 embeddings of all slices, so each query meets the whole global batch; gradients are summed across
 ranks once per optimizer step; rank 0 prints and writes the checkpoints.
@@ -26,9 +23,7 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
-import subprocess
 import sys
 import time
 
@@ -37,12 +32,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import SafetensorError
 
+import checkpoint
 from bireco import Decoding, contrastive_step, heldout_report, stage1_loss, stage1_sum_loss
-from data import (Batches, DataError, TextFormat, load_pairs, sample_sets,
-                  save_sentence_transformers, stage1_task)
-from model import load_model, load_tokenizer, save_model
+from data import Batches, DataError, TextFormat, load_pairs, sample_sets, stage1_task
+from model import load_model, load_tokenizer
 from smollm2 import default_model_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -172,114 +166,30 @@ def merged_state_dict(model):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (checkpoint.py writes them atomically; here: what goes in)
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-class SaveError(Exception):
-    """A checkpoint could not be written (disk full, permission denied, read-only folder)."""
+def save_checkpoint(run, model, opt, batches, step, args, rng):
+    """<run>/step-NNNNNN and <run>/latest: the weights with LoRA merged (a plain model folder),
+    what resuming needs (train_state.pt) and the run's settings (meta.json). rng: rng_states()."""
+    # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
+    trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
+    state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable, rng=rng)
+    meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
+                base_model=os.path.abspath(args.model),
+                data=[os.path.abspath(d) for d in args.data],
+                training_datasets=sorted(batches.data),
+                dataset_sizes={k: len(v) for k, v in batches.data.items()}, args=vars(args))
+    return checkpoint.save(run, step, model, merged_state_dict(model), state, meta, args.model)
 
 
 def rng_states():
     """Every RNG a step draws from; under torchrun every rank's (their dropout masks differ)."""
-    mine = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     if WORLD == 1:
-        return mine
+        return checkpoint.rng_state()
     ranks = [None] * WORLD
-    dist.all_gather_object(ranks, mine)  # the torch and CUDA states are CPU byte tensors already
+    dist.all_gather_object(ranks, checkpoint.rng_state())  # torch's states: CPU byte tensors
     return {"ranks": ranks}
-
-
-def set_rng_states(saved):
-    py_rng, np_rng, torch_rng, cuda_rng = saved["ranks"][RANK] if isinstance(saved, dict) else saved
-    random.setstate(py_rng)
-    np.random.set_state(np_rng)
-    torch.set_rng_state(torch_rng.cpu())
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([r.cpu() for r in cuda_rng])
-
-
-def save_checkpoint(run, model, opt, batches, step, args, base_model, rng=None):
-    """Writes <run>/step-NNNNNN completely, then atomically points <run>/latest at it. On an OSError
-    the partial folder is removed, `latest` still names the previous checkpoint, and SaveError says
-    which folder and why."""
-    name = f"step-{step:06d}"
-    final, tmp = os.path.join(run, name), os.path.join(run, f".{name}.tmp")
-    try:
-        return _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model,
-                                 rng if rng is not None else rng_states())
-    except (OSError, SafetensorError) as e:  # safetensors reports the OS error in its own type
-        cause = str(e).split("I/O error: ")[-1]
-        cause = e.strerror if isinstance(e, OSError) and e.strerror else cause
-        partials = [tmp, os.path.join(run, ".latest.tmp")]
-        partials += [] if _points_at(run, name) else [final]
-        for partial in partials:
-            if os.path.islink(partial):
-                os.remove(partial)
-            else:
-                shutil.rmtree(partial, ignore_errors=True)
-        raise SaveError(f"cannot write checkpoint {final}: {cause}") from None
-
-
-def _points_at(run, name):
-    latest = os.path.join(run, "latest")
-    return os.path.islink(latest) and os.readlink(latest) == name
-
-
-def _write_checkpoint(run, name, final, tmp, model, opt, batches, step, args, base_model, rng):
-    shutil.rmtree(tmp, ignore_errors=True)
-    # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
-    trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
-    save_model(model, tmp, merged_state_dict(model))
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
-              "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(base_model, f)):
-            shutil.copy(os.path.join(base_model, f), tmp)
-    tokenizer, eos_ids = load_tokenizer(tmp)  # each checkpoint: a sentence-transformers folder too
-    save_sentence_transformers(tmp, TextFormat(tokenizer, eos_ids), model.config.hidden_size)
-    state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable, rng=rng)
-    with open(os.path.join(tmp, "train_state.pt"), "wb") as f:
-        try:
-            torch.save(state, f)
-        except RuntimeError as e:  # torch's zip writer hides a failed write's OSError in its own
-            if isinstance(e.__context__, OSError):
-                raise e.__context__ from None
-            raise
-    meta = dict(stage=args.stage, step=step, steps=args.steps, data_position=batches.state_dict(),
-                base_model=os.path.abspath(base_model),
-                data=[os.path.abspath(d) for d in args.data],
-                training_datasets=sorted(batches.data),
-                dataset_sizes={k: len(v) for k, v in batches.data.items()}, git_commit=git_commit(),
-                args=vars(args))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    link = os.path.join(run, ".latest.tmp")
-    if os.path.lexists(link):
-        os.remove(link)
-    os.symlink(name, link)
-    latest = os.path.join(run, "latest")
-    previous = os.readlink(latest) if os.path.islink(latest) else None
-    os.replace(link, latest)  # the commit point: before it the old checkpoint, after it the new one
-    if previous not in (None, name):
-        shutil.rmtree(os.path.join(run, previous), ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run):
-    path = os.path.join(run, "latest")
-    if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        sys.exit(f"error: {run} holds no checkpoint to resume from (no {path}/train_state.pt)")
-    return path
 
 
 # -----------------------------------------------------------------------------
@@ -432,7 +342,10 @@ def settings(argv):
         if changed:  # a run continues with the settings it started with
             parser.error(f"--resume continues a run with its saved settings; only --stop-after "
                          f"may be given with it, not --{changed[0].replace('_', '-')}")
-        resume_from = latest_checkpoint(args.resume)
+        try:
+            resume_from = checkpoint.latest(args.resume)
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
         saved = {**meta["args"], "resume": args.resume, "stop_after": args.stop_after}
@@ -512,7 +425,7 @@ def build(args, device, resume_from, meta):
     if saved != WORLD:
         sys.exit(f"error: {resume_from} was saved by {saved} process(es); resume it with as many "
                  f"(torchrun --nproc_per_node={saved}), not {WORLD}")
-    set_rng_states(state["rng"])
+    checkpoint.set_rng_state(state["rng"]["ranks"][RANK] if WORLD > 1 else state["rng"])
     print(f"resumed {args.resume} at step {meta['step']}/{args.steps}")
     return data, batches, model, fmt, opt, meta["step"]
 
@@ -617,9 +530,8 @@ def main(argv=None):
             rng = rng_states()  # every rank's, gathered
             if RANK == 0:
                 try:
-                    last_saved[0] = save_checkpoint(run, model, opt, batches, step, args,
-                                                    args.model, rng)
-                except SaveError as e:
+                    last_saved[0] = save_checkpoint(run, model, opt, batches, step, args, rng)
+                except checkpoint.SaveError as e:
                     sys.exit(f"error: {e}. The previous checkpoint is kept: "
                              f"{last_saved[0] or 'none yet'}")
                 print(f"saved {last_saved[0]}")

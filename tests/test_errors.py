@@ -30,7 +30,7 @@ import pytest
 import torch
 from conftest import make_data_dir, wordnet_rows
 
-import train
+import checkpoint
 from data import TextFormat
 from model import load_model, load_tokenizer
 
@@ -63,11 +63,12 @@ def tensors(folder):
 CLI_SERVER = """
 import json, os, signal, sys
 import torch
+import checkpoint
 import train
 
 
 def kill_in_second_save():
-    real, calls = train.save_model, []
+    real, calls = checkpoint.save_model, []
     def save_model(model, path, state_dict=None):
         calls.append(path)
         real(model, path, state_dict)
@@ -75,7 +76,7 @@ def kill_in_second_save():
             weights = os.path.join(path, "model.safetensors")
             os.truncate(weights, os.path.getsize(weights) // 2)
             os.kill(os.getpid(), signal.SIGKILL)
-    train.save_model = save_model
+    checkpoint.save_model = save_model
 
 
 def ctrl_c_twice():
@@ -372,7 +373,7 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(cli, tiny_model_dir, pa
     assert sorted(os.listdir(half)) == ["config.json", "model.safetensors"]
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_model(half)
-    latest = train.latest_checkpoint(run)
+    latest = checkpoint.latest(run)
     assert latest == os.path.join(run, "latest")
     load_model(latest)
     with open(os.path.join(latest, "meta.json")) as f:
@@ -435,7 +436,7 @@ def mounted(target, *options):
 def assert_previous_checkpoint_kept(run, step):
     assert os.readlink(os.path.join(run, "latest")) == f"step-{step:06d}"
     assert sorted(os.listdir(run)) == ["latest", f"step-{step:06d}"]  # no partial folder left
-    load_model(train.latest_checkpoint(run))
+    load_model(checkpoint.latest(run))
     with open(os.path.join(run, "latest", "meta.json")) as f:
         assert json.load(f)["step"] == step
 
