@@ -12,8 +12,8 @@ A checkpoint is written under a hidden name, renamed to step-NNNNNN when complet
 renaming a fresh `latest` link over the old one. A rename is atomic, so at every instant `latest`
 names a whole checkpoint: a kill at any point leaves the previous one, which is deleted only after
 the new one is published. A write that fails (disk full, read-only folder) removes what it wrote
-and raises SaveError naming the folder and the cause. train.py decides what goes in; this file
-only writes and reads it. Left out: keeping the last k checkpoints, asynchronous writes.
+and raises SaveError naming the folder and the cause. train.py decides what goes in and reads
+train_state.pt back; this file writes a checkpoint and finds a run's latest. Left out: keeping the last k checkpoints, asynchronous writes.
 """
 
 import json
@@ -48,8 +48,8 @@ def git_commit() -> str | None:
 
 
 def rng_state():
-    """Every RNG a step draws from in this process (dropout masks, the Stage I task schedule's
-    draws): Python's, numpy's, torch's CPU one and the CUDA ones."""
+    """Every RNG a step may draw from in this process (LoRA's and the decoder's dropout masks):
+    Python's, numpy's, torch's CPU one and the CUDA ones."""
     return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 

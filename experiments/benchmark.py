@@ -680,7 +680,7 @@ def train_run(argv, out):
     """`python train.py ARGV --out OUT` in a child process: (wall seconds, the child's peak resident
     memory in GB, from its rusage as os.wait4 returns it)."""
     t0 = time.time()
-    with open(os.path.join(out + ".log"), "w") as log:
+    with open(out + ".log", "w") as log:
         child = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--out", out],
                                  stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
@@ -735,8 +735,9 @@ def main():
         runs = [(c, "float32") for c in configs] + [(c, "bfloat16") for c in configs if c == "llama3"]
     recipe = "recipe" in configs  # runs in the dtype train.py picks (--dtype auto), whatever --dtypes says
     auto_dtype = str(hardware.auto_dtype(device)).removeprefix("torch.")
-    defaults = sorted({d for c, d in runs if c == "defaults"} if args.dtypes else {auto_dtype}) \
-        if "defaults" in configs else []
+    defaults = []  # train.py's default stages: in each of --dtypes, else in the dtype auto picks
+    if "defaults" in configs:
+        defaults = sorted({d for c, d in runs if c == "defaults"}) if args.dtypes else [auto_dtype]
     runs = [(c, d) for c, d in runs if c not in ("recipe", "defaults")]
 
     import transformers
@@ -747,8 +748,7 @@ def main():
     report = Report()
     print(f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}) "
           f"| torch {torch.__version__} | transformers {transformers.__version__}", flush=True)
-    dtypes = sorted({d for _, d in runs} | ({str(hardware.auto_dtype(device)).removeprefix("torch."), "float32"}
-                                           if recipe else set()))
+    dtypes = sorted({d for _, d in runs} | ({auto_dtype, "float32"} if recipe else set()))
     peaks = {d: [matmul_peak(device, DTYPES[d], peak_size(device, d))] for d in dtypes}
     if device.type == "cpu" and "bfloat16" in dtypes:
         a = torch.randn(512, 512, dtype=torch.bfloat16)
