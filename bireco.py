@@ -300,41 +300,51 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
 
 
 def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
-                        how: Decoding = PAPER):
+                        how: Decoding = PAPER, tokens: int | None = None):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
     anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side,
-    mask (B, n)."""
+    mask (B, n). tokens: what the summed cross-entropy is divided by (default: mask's count)."""
     h, y = _decode(model, anchor, targets, mask, how)
     weight = model.lm_head.weight.detach() if how.detach else None
-    return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / len(y)
+    return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / (tokens or len(y))
+
+
+# A Stage I loss is a mean over the target tokens of a batch. Under data parallelism each process
+# holds a slice of the global batch, and its loss must be its share of the global mean: its tokens'
+# summed cross-entropy over the global batch's token count. `total` maps this slice's count to the
+# one to divide by (train.py passes hardware.all_sum, the sum over processes; one process: itself).
 
 
 def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-                chunk: int | None = None, how: Decoding = PAPER):
+                chunk: int | None = None, how: Decoding = PAPER, total=int):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
-    Returns (loss, target tokens)."""
+    Returns (loss, tokens): the loss a mean over tokens = total(this batch's target tokens)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    return reconstruction_loss(model, anchor, targets, mask, chunk, how), int(mask.sum())
+    tokens = int(total(int(mask.sum())))
+    return reconstruction_loss(model, anchor, targets, mask, chunk, how, tokens), tokens
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
-                    weights: dict[str, float], chunk: int | None = None, how: Decoding = PAPER):
+                    weights: dict[str, float], chunk: int | None = None, how: Decoding = PAPER,
+                    total=int):
     """Several Stage I tasks on one batch, summed with weights, as the official code does
     (L = 0.8 L_D2Q + 0.2 L_Q2D). Each task has its own encoder and decoder pass; one output-layer
     pass then serves all their target rows, each weighted by its task's weight over its task's
     target count, so one lm_head gradient (V x D) is held until backward, not one per task.
-    Returns (loss, {task: (its loss value, its target tokens)})."""
+    Returns (loss, {task: (its loss value, tokens)}), each task's a mean over its tokens =
+    total(its target tokens in this batch)."""
     parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), how) for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
+    counts = [int(total(n)) for n in sizes]
     wtype = torch.promote_types(h.dtype, torch.float32)
-    row_weights = torch.cat([torch.full((n,), w / n, dtype=wtype, device=y.device)
-                             for w, n in zip(weights.values(), sizes)])
+    row_weights = torch.cat([torch.full((n,), w / N, dtype=wtype, device=y.device)
+                             for w, n, N in zip(weights.values(), sizes, counts)])
     weight = model.lm_head.weight.detach() if how.detach else None
-    total, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
-    per_task = zip(weights, ce.split(sizes), sizes)
-    return total, {task: (part.mean().item(), n) for task, part, n in per_task}
+    loss, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
+    per_task = zip(weights, ce.split(sizes), counts)
+    return loss, {task: (part.sum().item() / N, N) for task, part, N in per_task}
 
 
 def _stage1_inputs(model, fmt, pairs, task):
@@ -558,7 +568,10 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
     """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
     its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
     the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
-    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: " at step 50"."""
+    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: " at step 50".
+    Runs in eval mode and leaves the model's mode and fmt's count of cut texts as they were."""
+    training, counted = model.training, fmt.truncated  # a training run counts its own texts
+    model.eval()
     lines = [f"samples{at} ({what}; each side regenerated from the other's [EOS] vector, and from "
              "another pair's):"]
     for pairs in sets.values():
@@ -572,4 +585,6 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
                  for label, x in (("EBD2Q", g["d2q"]), ("EBQ2D", g["q2d"])))
         lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
                   "another pair's anchor minus given its own):", "  " + " | ".join(cells)]
+    model.train(training)
+    fmt.truncated = counted
     return lines

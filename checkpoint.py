@@ -12,8 +12,9 @@ A checkpoint is written under a hidden name, renamed to step-NNNNNN when complet
 renaming a fresh `latest` link over the old one. A rename is atomic, so at every instant `latest`
 names a whole checkpoint: a kill at any point leaves the previous one, which is deleted only after
 the new one is published. A write that fails (disk full, read-only folder) removes what it wrote
-and raises SaveError naming the folder and the cause. train.py decides what goes in and reads
-train_state.pt back; this file writes a checkpoint and finds a run's latest. Left out: keeping the last k checkpoints, asynchronous writes.
+and raises SaveError naming the folder and the cause. train.py decides what goes in; this file
+writes a checkpoint, finds a run's latest and restores the training state from it. Left out:
+keeping the last k checkpoints, asynchronous writes.
 """
 
 import json
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
+import hardware
 from data import TextFormat, save_sentence_transformers
 from model import load_tokenizer, save_model
 
@@ -52,6 +54,13 @@ def rng_state():
     Python's, numpy's, torch's CPU one and the CUDA ones."""
     return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def rng_states():
+    """rng_state() of every process: under torchrun each rank's (their dropout masks differ)."""
+    if hardware.WORLD == 1:
+        return rng_state()
+    return {"ranks": hardware.gather_objects(rng_state())}  # torch's states: CPU byte tensors
 
 
 def set_rng_state(saved):
@@ -120,6 +129,26 @@ def _publish(run, name, tmp, final):
     if previous not in (None, name):
         shutil.rmtree(os.path.join(run, previous), ignore_errors=True)
     return final
+
+
+def restore(path: str, model, opt, batches):
+    """Puts the state saved in checkpoint `path` back: the trained parameters (a full fine-tune's
+    are in the weights it was loaded from; LoRA's adapters are here), the optimizer, the data
+    position and this process's RNGs. ValueError if it was saved by another number of processes."""
+    device = model.lm_head.weight.device
+    state = torch.load(os.path.join(path, "train_state.pt"), map_location=device,
+                       weights_only=False)  # holds numpy's and Python's RNG states
+    saved = len(state["rng"]["ranks"]) if isinstance(state["rng"], dict) else 1
+    if saved != hardware.WORLD:
+        raise ValueError(f"{path} was saved by {saved} process(es); resume it with as many "
+                         f"(torchrun --nproc_per_node={saved}), not {hardware.WORLD}")
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in state["trainable"].items():
+            named[k].copy_(v)
+    opt.load_state_dict(state["opt"])
+    batches.load_state_dict(state["data"])
+    set_rng_state(state["rng"]["ranks"][hardware.RANK] if saved > 1 else state["rng"])
 
 
 def latest(run: str) -> str:

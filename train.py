@@ -8,13 +8,14 @@ The two training stages of arXiv 2509.03020, one linear loop.
 
 The losses and the Stage II step are bireco.py's; this file holds what training needs around them:
 the settings with each stage's defaults, LoRA, the learning-rate schedule, what a checkpoint holds
-(checkpoint.py writes it atomically) and the data-parallel plumbing. Stage I interleaves whole
+(checkpoint.py writes it atomically and restores it) and the loop. Stage I interleaves whole
 batches of EBD2Q and EBQ2D at the ratio of the task weights (or sums both losses on every batch
 with --mode sum, as the official code does). Every checkpoint is a plain model folder that
 model.load_model, eval.py, transformers and sentence-transformers read (LoRA merged on save).
 Under torchrun every rank draws the same global batch and takes its slice; Stage II gathers the
 embeddings of all slices, so each query meets the whole global batch; gradients are summed across
-ranks once per optimizer step; rank 0 prints and writes the checkpoints.
+ranks once per optimizer step; rank 0 prints and writes the checkpoints (hardware.py holds the
+processes' plumbing).
 Left out: mixed-precision master weights other than fp32 + autocast, dataloader worker processes.
 """
 
@@ -27,10 +28,9 @@ import signal
 import sys
 import time
 
-import hardware  # noqa: F401  (first: it sets the OpenMP wait policy before torch loads)
+import hardware  # first: it sets the OpenMP wait policy before torch loads
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 import checkpoint
@@ -123,20 +123,22 @@ arg("--gap-pairs", type=int, default=32, help="Stage I: held-out pairs per datas
 
 
 class LoRALinear(nn.Module):
+    """A frozen nn.Linear (base) plus a trained low-rank update: A (r, in), B (out, r)."""
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
         self.base, self.scale = base, alpha / rank
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own initialisation
         self.p = dropout
 
-    def forward(self, x):
+    def forward(self, x):  # x (..., in) -> (..., out); the dropout touches the update's input only
         dropped = hardware.dropout(x, self.p) if self.training else x
         return self.base(x) + (dropped @ self.lora_A.T @ self.lora_B.T) * self.scale
 
-    def merged_weight(self):
+    def merged_weight(self):  # (out, in): what a checkpoint stores, so it loads as a plain model
         return self.base.weight + (self.lora_B @ self.lora_A) * self.scale
 
 
@@ -145,6 +147,7 @@ LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "sel
 
 
 def add_lora(model, rank, alpha, dropout):
+    """Freezes the model and wraps each LORA_TARGETS projection of every layer in a LoRALinear."""
     model.requires_grad_(False)
     for layer in model.model.layers:
         for target in LORA_TARGETS:
@@ -171,7 +174,8 @@ def merged_state_dict(model):
 
 def save_checkpoint(run, model, opt, batches, step, args, rng):
     """<run>/step-NNNNNN and <run>/latest: the weights with LoRA merged (a plain model folder),
-    what resuming needs (train_state.pt) and the run's settings (meta.json). rng: rng_states()."""
+    what resuming needs (train_state.pt) and the run's settings (meta.json).
+    rng: checkpoint.rng_states(), gathered from every process."""
     # full fine-tunes resume from the saved weights; LoRA runs from the base plus these adapters
     trainable = {k: p.detach() for k, p in model.named_parameters() if ".lora_" in k}
     state = dict(opt=opt.state_dict(), data=batches.state_dict(), trainable=trainable, rng=rng)
@@ -183,87 +187,8 @@ def save_checkpoint(run, model, opt, batches, step, args, rng):
     return checkpoint.save(run, step, model, merged_state_dict(model), state, meta, args.model)
 
 
-def rng_states():
-    """Every RNG a step draws from; under torchrun every rank's (their dropout masks differ)."""
-    if WORLD == 1:
-        return checkpoint.rng_state()
-    ranks = [None] * WORLD
-    dist.all_gather_object(ranks, checkpoint.rng_state())  # torch's states: CPU byte tensors
-    return {"ranks": ranks}
-
-
-# -----------------------------------------------------------------------------
-# Data parallelism: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; plain `python train.py` runs
-# one process and never creates a process group.
-
-RANK, WORLD = 0, 1
-
-
-def setup_distributed(device: str):
-    """Joins torchrun's process group, if there is one: NCCL with one GPU per process, or gloo."""
-    global RANK, WORLD
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    RANK, WORLD = dist.get_rank(), dist.get_world_size()
-    if RANK:  # rank 0 alone prints; errors still reach stderr from every rank
-        sys.stdout = open(os.devnull, "w")
-
-
-def local_device(device: str) -> torch.device:
-    """Under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if WORLD > 1 and device.startswith("cuda"):
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(device)
-
-
-def my_slice(batch: list) -> list:
-    """This rank's contiguous share of the global batch (rank order = batch order)."""
-    n = len(batch) // WORLD
-    return batch[RANK * n:(RANK + 1) * n]
-
-
-def all_sum(x: float | int) -> float:
-    if WORLD == 1:
-        return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item()
-
-
-def sum_gradients(params):
-    """Sums the ranks' gradients. An explicit all-reduce once per optimizer step rather than
-    DistributedDataParallel: each rank's loss is already its share of the global loss (Stage II:
-    the gradient of the one global InfoNCE loss; Stage I: token sums over the global token count),
-    so the sum is the one-device gradient, whatever the micro-batches, chunks and passes were."""
-    if WORLD == 1:
-        return
-    for p in params:
-        if p.grad is None:  # every rank reduces the same tensors, in the same order
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
-
-
-def gather_batch(reps, sections: int):
-    """Stage II under torchrun: this rank's embeddings (sections x its slice, D) -> the global
-    batch's, every rank's slices in rank order within each section; only this rank's carry a
-    gradient."""
-    parts = [torch.empty_like(reps) for _ in range(WORLD)]
-    dist.all_gather(parts, reps.detach().contiguous())
-    parts[RANK] = reps
-    return torch.cat([part.chunk(sections)[k] for k in range(sections) for part in parts])
-
-
 # -----------------------------------------------------------------------------
 # Steps
-
-
-def out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and "can't allocate memory" in str(e))  # torch's CPU allocator
 
 
 def lr_at(step, args):
@@ -273,55 +198,36 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
-def decoding(args, fmt) -> Decoding:
-    """Stage I's decoder options from the flags (bireco.Decoding)."""
-    return Decoding.from_flags(vars(args), fmt)
-
-
-def recon_step(model, fmt, batch, micro, args, ctx):
-    """Stage I on one batch: returns (loss to backprop, {task: (loss, target tokens)}). Across
-    ranks each loss is a mean over the global batch's target tokens of that task, each rank
-    contributing its own tokens' sum; the logged values are the global means."""
-    w = dict(d2q=args.task_weights[0], q2d=args.task_weights[1])
-    mine, share = my_slice(batch), dict(d2q=1.0, q2d=1.0)  # this rank's share of a task's tokens
-    if WORLD > 1:
-        for task, texts in (("d2q", [p.query for p in mine]), ("q2d", [p.positive for p in mine])):
-            tokens = sum(min(len(fmt.ids(x)), fmt.max_length - 1) for x in texts)  # as target_ids
-            share[task] = tokens / all_sum(tokens)
-    if args.mode == "interleave":
-        task = stage1_task(micro, w["d2q"], w["q2d"])
-        with ctx:
-            loss, n_tok = stage1_loss(model, fmt, mine, task, how=decoding(args, fmt))
-        loss = loss * share[task]
-        return loss, {task: (all_sum(loss.item()), int(all_sum(n_tok)))}
-    weights = {t: w[t] * share[t] for t in ("d2q", "q2d") if w[t] > 0}  # local -> global
-    with ctx:  # sum: both tasks, one output-layer pass over their targets
-        loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=decoding(args, fmt))
-    return loss, {t: (all_sum(v * share[t]), int(all_sum(n))) for t, (v, n) in logs.items()}
-
-
 def micro_step(model, fmt, batch, micro, args, ctx):
-    """One batch of either stage, back-propagated at 1 / --grad-accum. Returns ({name: (loss,
-    count)}, Stage II's negatives per query or None)."""
-    if args.stage == "recon":
-        loss, logs = recon_step(model, fmt, batch, micro, args, ctx)
-        (loss / args.grad_accum).backward()
-        return logs, None
-    gather = gather_batch if WORLD > 1 else None
-    value, negatives = contrastive_step(model, fmt, my_slice(batch), args.chunk, args.temperature,
-                                        ctx, 1 / args.grad_accum, gather)
-    return {"loss": (value, len(batch))}, negatives
+    """One batch of either stage (this process's slice of it), back-propagated at 1 / --grad-accum.
+    Returns ({name: loss}, Stage II's negatives per query or None). Under torchrun each Stage I
+    loss is a mean over the global batch's target tokens of its task, to which each process adds
+    its own tokens' share (bireco's `total`); the logged values are the global means."""
+    mine = hardware.my_slice(batch)
+    if args.stage == "contrastive":  # each process embeds its slice; InfoNCE over the whole batch
+        gather = hardware.gather_batch if hardware.WORLD > 1 else None
+        value, negatives = contrastive_step(model, fmt, mine, args.chunk, args.temperature, ctx,
+                                            1 / args.grad_accum, gather)
+        return {"loss": value}, negatives
+    how, (wd2q, wq2d) = Decoding.from_flags(vars(args), fmt), args.task_weights
+    with ctx:
+        if args.mode == "interleave":  # the paper: one task per batch, at the weights' ratio
+            task = stage1_task(micro, wd2q, wq2d)
+            loss, _ = stage1_loss(model, fmt, mine, task, how=how, total=hardware.all_sum)
+            logs = {task: loss.item()}
+        else:  # sum: both tasks on every batch
+            weights = {t: w for t, w in (("d2q", wd2q), ("q2d", wq2d)) if w > 0}
+            loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=how, total=hardware.all_sum)
+            logs = {t: v for t, (v, _) in logs.items()}
+    (loss / args.grad_accum).backward()
+    return {t: hardware.all_sum(v) for t, v in logs.items()}, None
 
 
 def print_samples(model, fmt, sets, what, step, ctx, how):
-    """bireco.heldout_report at a sample point, in eval mode, not counting its texts as cut."""
-    model.eval()
-    counted = fmt.truncated  # the warning counts training texts, not these
+    """Stage I's progress at a sample point: bireco.heldout_report, under autocast as training."""
     with ctx:
         lines = heldout_report(model, fmt, sets, how, what=what, at=f" at step {step}")
     print(*lines, sep="\n", flush=True)
-    fmt.truncated = counted
-    model.train()
 
 
 # -----------------------------------------------------------------------------
@@ -335,7 +241,7 @@ def settings(argv):
     args = parser.parse_args(argv)
     if not (args.stage or args.resume):
         parser.error("--stage is required (or --resume RUN to continue a run)")
-    setup_distributed(args.device)
+    hardware.init_processes(args.device)
     if args.resume:
         changed = [k for k, v in vars(args).items()
                    if k not in ("resume", "stop_after") and v != parser.get_default(k)]
@@ -361,16 +267,15 @@ def settings(argv):
         args.warmup = round(WARMUP_SHARE * args.steps)
     elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
         parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
-    if args.batch_size % WORLD:
-        parser.error(f"--batch-size {args.batch_size} must be a multiple of the {WORLD} processes")
+    if args.batch_size % hardware.WORLD:
+        parser.error(f"--batch-size {args.batch_size} must be a multiple of the "
+                     f"{hardware.WORLD} processes")
     args.model = args.model or default_model_dir()
     name = os.path.basename(os.path.normpath(args.model))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out = args.out or os.path.join("out", f"{args.stage}-{name}-{stamp}")
-    if WORLD > 1:  # the ranks may have started in different seconds: rank 0's name
-        names = [args.out]
-        dist.broadcast_object_list(names)
-        args.out = names[0]
+    if hardware.WORLD > 1:  # the ranks may have started in different seconds: rank 0's name
+        args.out = hardware.broadcast_object(args.out)
     if os.path.lexists(os.path.join(args.out, "latest")) and not args.overwrite:
         sys.exit(f"error: {args.out} already holds a run; pass --resume {args.out} to continue it "
                  "or --overwrite to replace it")
@@ -413,32 +318,23 @@ def build(args, device, resume_from, meta):
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     if not resume_from:
         return data, batches, model, fmt, opt, 0
-    state = torch.load(os.path.join(resume_from, "train_state.pt"), map_location=device,
-                       weights_only=False)
-    named = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in state["trainable"].items():
-            named[k].copy_(v)
-    opt.load_state_dict(state["opt"])
-    batches.load_state_dict(state["data"])
-    saved = len(state["rng"]["ranks"]) if isinstance(state["rng"], dict) else 1
-    if saved != WORLD:
-        sys.exit(f"error: {resume_from} was saved by {saved} process(es); resume it with as many "
-                 f"(torchrun --nproc_per_node={saved}), not {WORLD}")
-    checkpoint.set_rng_state(state["rng"]["ranks"][RANK] if WORLD > 1 else state["rng"])
+    try:
+        checkpoint.restore(resume_from, model, opt, batches)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     print(f"resumed {args.resume} at step {meta['step']}/{args.steps}")
     return data, batches, model, fmt, opt, meta["step"]
 
 
-def on_ctrl_c(last_saved) -> list:
+def on_ctrl_c(saved) -> list:
     """Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once. Returns
-    the list the handler appends to; last_saved: a one-item list naming the last checkpoint."""
+    the list the handler appends to; saved() names the last checkpoint."""
     stop = []
 
     def handler(sig, frame):
         if stop:  # exit status 130 = 128 + SIGINT, as for a process killed by Ctrl-C
-            print("\ninterrupt: aborted without saving. Last saved checkpoint: "
-                  f"{last_saved[0] or 'none yet'}", file=sys.stderr)
+            print(f"\ninterrupt: aborted without saving. Last saved checkpoint: {saved()}",
+                  file=sys.stderr)
             sys.exit(130)
         stop.append(sig)
         print("\ninterrupt: finishing this step, then saving (Ctrl-C again: abort without saving)",
@@ -459,52 +355,56 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    device = local_device(args.device)
+    device = hardware.local_device(args.device)
+    # weights and optimizer state stay fp32; bf16 autocast runs the matmuls where it pays
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     print("config:", json.dumps(vars(args), sort_keys=True))
     data, batches, model, fmt, opt, step = build(args, device, resume_from, meta)
     params = opt.param_groups[0]["params"]  # the trained ones, as build() gave them to AdamW
     n_all, n_trained = (sum(p.numel() for p in ps) / 1e6 for ps in (model.parameters(), params))
-    world = f" | world size {WORLD} ({args.batch_size // WORLD} pairs per process)" * (WORLD > 1)
+    world, rank = hardware.WORLD, hardware.RANK
+    per_rank = f" | world size {world} ({args.batch_size // world} pairs per process)" * (world > 1)
     print(f"model {args.model}: {n_all:.1f}M parameters, {n_trained:.2f}M trained | data "
           f"{sum(map(len, data.values()))} pairs in {len(data)} datasets | batch "
-          f"{args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}{world}")
-    last_saved = [resume_from]
-    stop = on_ctrl_c(last_saved)
-    samples = args.stage == "recon" and args.sample_every > 0 and RANK == 0
+          f"{args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}{per_rank}")
+    last_saved = [resume_from]  # what every error message names: nothing is lost up to there
+    saved = lambda: last_saved[0] or "none yet"  # noqa: E731
+    stop = on_ctrl_c(saved)
+    # Stage I only: what the [EOS] vector regenerates of held-out pairs, and the gap between the
+    # loss given the true anchor and given another pair's (bireco.heldout_report)
+    samples = args.stage == "recon" and args.sample_every > 0 and rank == 0
     if samples:
         what, shown = sample_sets(args.data, data, args.gap_pairs)
+        how = Decoding.from_flags(vars(args), fmt)
         if step == 0:
-            print_samples(model, fmt, shown, what, 0, ctx, decoding(args, fmt))
+            print_samples(model, fmt, shown, what, 0, ctx, how)
     start_step = first = step
-    t0, window, warned = time.time(), {}, 0
+    t0, window, warned = time.time(), {}, 0  # window: the losses and tokens since the last line
     while step < args.steps:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
         try:
-            for micro in range(args.grad_accum):
+            for micro in range(args.grad_accum):  # micro-batches whose gradients add up
                 _, batch = next(batches)
                 logs, negatives = micro_step(model, fmt, batch, step * args.grad_accum + micro,
                                              args, ctx)
-                for k, (v, _) in logs.items():
+                for k, v in logs.items():
                     window.setdefault(k, []).append(v)
                     if not math.isfinite(v):
                         sys.exit(f"error: non-finite loss ({k} = {v}) at step {step + 1}; stopping "
-                                 "without saving. Last saved checkpoint: "
-                                 f"{last_saved[0] or 'none yet'}")
+                                 f"without saving. Last saved checkpoint: {saved()}")
                 window["tokens"] = window.get("tokens", 0) + sum(len(fmt.ids(t)) for p in batch
                                                                  for t in (p.query, p.positive))
-            sum_gradients(params)
+            hardware.sum_gradients(params)  # under torchrun: the one-device gradient on each rank
             torch.nn.utils.clip_grad_norm_(params, args.clip)
             opt.step()
         except Exception as e:  # CPU and CUDA allocators both raise a RuntimeError subclass
-            if not out_of_memory(e):
+            if not hardware.out_of_memory(e):
                 raise
             sys.exit(f"error: out of memory at step {step + 1} ({str(e).splitlines()[0][:200]}); "
                      "lower the memory a step needs with --batch-size, --chunk (Stage II), "
-                     "--grad-ckpt or --max-length. Last saved checkpoint: "
-                     f"{last_saved[0] or 'none yet'}")
+                     f"--grad-ckpt or --max-length. Last saved checkpoint: {saved()}")
         opt.zero_grad(set_to_none=True)
         step += 1
 
@@ -516,32 +416,29 @@ def main(argv=None):
             print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
                   f"{extra} | eta {eta / 60:.1f} min", flush=True)
             window, t0, first = {}, time.time(), step
-            truncated = int(all_sum(fmt.truncated))  # every rank's texts
+            truncated = int(hardware.all_sum(fmt.truncated))  # every rank's texts
             if truncated > warned:
                 print(f"warning: {truncated} texts so far were longer than --max-length "
                       f"{args.max_length} tokens and were cut (their EOS kept)")
                 warned = truncated
             if samples and (step % args.sample_every == 0 or step == args.steps):
-                print_samples(model, fmt, shown, what, step, ctx, decoding(args, fmt))
-        if WORLD > 1 and all_sum(len(stop)) and not stop:  # Ctrl-C reached another rank: all stop
+                print_samples(model, fmt, shown, what, step, ctx, how)
+        if world > 1 and hardware.all_sum(len(stop)) and not stop:  # Ctrl-C on another rank
             stop.append("peer")
         done_here = args.stop_after is not None and step - start_step >= args.stop_after
         if step % args.save_every == 0 or step == args.steps or stop or done_here:
-            rng = rng_states()  # every rank's, gathered
-            if RANK == 0:
+            rng = checkpoint.rng_states()  # a collective: every rank takes part
+            if rank == 0:
                 try:
                     last_saved[0] = save_checkpoint(run, model, opt, batches, step, args, rng)
                 except checkpoint.SaveError as e:
-                    sys.exit(f"error: {e}. The previous checkpoint is kept: "
-                             f"{last_saved[0] or 'none yet'}")
+                    sys.exit(f"error: {e}. The previous checkpoint is kept: {saved()}")
                 print(f"saved {last_saved[0]}")
-            if WORLD > 1:
-                dist.barrier()  # the others wait for the checkpoint, so a stop leaves a whole one
+            hardware.barrier()  # the others wait for the checkpoint, so a stop leaves a whole one
         if stop or done_here:
             break
     print(f"done: {os.path.join(run, 'latest')} (step {step}/{args.steps})")
-    if WORLD > 1:
-        dist.destroy_process_group()
+    hardware.end_processes()
 
 
 if __name__ == "__main__":

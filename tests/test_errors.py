@@ -88,7 +88,7 @@ def ctrl_c_twice():
                 os.kill(os.getpid(), signal.SIGINT)
             return f(*args)
         return wrapped
-    train.recon_step = on_second_call(train.recon_step)
+    train.micro_step = on_second_call(train.micro_step)
     train.save_checkpoint = on_second_call(train.save_checkpoint)
 
 
