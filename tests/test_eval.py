@@ -77,7 +77,7 @@ def test_two_models_make_one_table(two_model_run, tiny_model_dir):
     header = lines[next(i for i, line in enumerate(lines) if line.startswith("WordNetSenseRetrieval ndcg")) - 1]
     assert header.split() == [os.path.basename(tiny_model_dir), "tiny-copy", "BM25"]
     import data
-    import eval as ev
+    import mteb_tasks
 
     for task in ("WordNetSenseRetrieval", "ManPageRetrieval"):
         for metric in ("ndcg_at_10", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100"):
@@ -85,7 +85,7 @@ def test_two_models_make_one_table(two_model_run, tiny_model_dir):
             a, b, bm25 = row.split()[2:]
             assert float(a) == float(b)  # the copy holds the same weights
             if metric == "ndcg_at_10":  # BM25 on the same split, beside the models
-                assert float(bm25) == pytest.approx(data.bm25_ndcg10(ev.TASKS[task]("test").path), abs=5e-5)
+                assert float(bm25) == pytest.approx(data.bm25_ndcg10(mteb_tasks.TASKS[task]("test").path), abs=5e-5)
             else:
                 assert bm25 == "-"
 
@@ -97,15 +97,15 @@ def test_instruction_convention(tiny_model_dir):
     from torch.utils.data import DataLoader
 
     import data
-    import eval as ev
+    import mteb_tasks
 
-    encoder = ev.Encoder(tiny_model_dir, "cpu", torch.float32)
+    encoder = mteb_tasks.Encoder(tiny_model_dir, "cpu", torch.float32)
     scifact, sts, banking = (mteb.get_task(n).metadata for n in ("SciFact", "STS16", "Banking77Classification"))
-    assert encoder.instruction_for(scifact, "query") == ev.INSTRUCTIONS["SciFact"]
+    assert encoder.instruction_for(scifact, "query") == mteb_tasks.INSTRUCTIONS["SciFact"]
     assert encoder.instruction_for(scifact, "document") is None
     assert encoder.instruction_for(sts, None) == "Retrieve semantically similar text."
     assert encoder.instruction_for(banking, None) == "Given a online banking query, find the corresponding intents"
-    wordnet = ev.WordNetSenseRetrieval().metadata
+    wordnet = mteb_tasks.WordNetSenseRetrieval().metadata
     assert encoder.instruction_for(wordnet, "query") == data.INSTRUCTIONS["wordnet"]  # the training one
 
     # encode() applies it: same vectors as encoding "Instruct: ...\nQuery: text" directly
@@ -114,7 +114,7 @@ def test_instruction_convention(tiny_model_dir):
     query = encoder.encode(loader, task_metadata=scifact, hf_split="test", hf_subset="default", prompt_type="query")
     doc = encoder.encode(loader, task_metadata=scifact, hf_split="test", hf_subset="default", prompt_type="document")
     assert query.shape == (3, 64)
-    assert abs(query - encoder.embedder.encode(texts, ev.INSTRUCTIONS["SciFact"])).max() < 1e-5
+    assert abs(query - encoder.embedder.encode(texts, mteb_tasks.INSTRUCTIONS["SciFact"])).max() < 1e-5
     assert abs(doc - encoder.embedder.encode(texts, None)).max() < 1e-5
     assert abs(query - doc).max() > 1e-3
     ids = encoder.embedder.fmt.embed_ids("he signed the deed", encoder.instruction_for(sts))
@@ -123,14 +123,14 @@ def test_instruction_convention(tiny_model_dir):
 
     # a task outside instructions.json gets one from its metadata, with a note
     other = mteb.get_task("NanoSciFactRetrieval").metadata
-    assert other.name not in ev.INSTRUCTIONS and encoder.instruction_for(other, "query")
+    assert other.name not in mteb_tasks.INSTRUCTIONS and encoder.instruction_for(other, "query")
 
 
 def test_revision_follows_the_weights(tiny_model_dir, tmp_path):
     """Results live under a hash of the weights: new weights never land in an old result folder."""
     import torch
 
-    import eval as ev
+    import mteb_tasks
     from model import load_model, save_model
 
     same = shutil.copytree(tiny_model_dir, tmp_path / "same")
@@ -139,7 +139,7 @@ def test_revision_follows_the_weights(tiny_model_dir, tmp_path):
     with torch.no_grad():
         model.model.norm.weight[0] += 0.01
     save_model(model, str(changed))
-    revision = lambda path: ev.Encoder(str(path), "cpu", torch.float32).mteb_model_meta.revision
+    revision = lambda path: mteb_tasks.Encoder(str(path), "cpu", torch.float32).mteb_model_meta.revision
     assert revision(tiny_model_dir) == revision(same) != revision(changed)
 
 
@@ -147,7 +147,7 @@ def test_unknown_task_suggests_close_names(tiny_model_dir):
     import eval as ev  # in-process: the check runs before any model or data is touched
 
     with pytest.raises(SystemExit) as info:
-        ev.main(ev.parser.parse_args(["--model", tiny_model_dir, "--tasks", "SciFakt"]))
+        ev.main(["--model", tiny_model_dir, "--tasks", "SciFakt"])
     assert isinstance(info.value.code, str)  # sys.exit(message): exit status 1, message on stderr
     assert "unknown task 'SciFakt'" in info.value.code and "SciFact" in info.value.code
 
@@ -177,7 +177,7 @@ def test_not_a_checkpoint_folder(tiny_model_dir, tmp_path):
     for name in ("config.json", "tokenizer.json", "generation_config.json"):
         shutil.copy(os.path.join(tiny_model_dir, name), tmp_path)
     with pytest.raises(SystemExit) as info:
-        ev.main(ev.parser.parse_args(["--model", str(tmp_path)]))
+        ev.main(["--model", str(tmp_path)])
     assert f"--model {tmp_path} is not a usable checkpoint" in info.value.code
     assert "model.safetensors not found" in info.value.code
 
@@ -232,7 +232,7 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
     try:
         for folder, cause in causes:
             with pytest.raises(SystemExit) as info:
-                ev.main(ev.parser.parse_args(["--model", tiny_model_dir, "--output", str(folder / "results")]))
+                ev.main(["--model", tiny_model_dir, "--output", str(folder / "results")])
             assert info.value.code == f"eval.py: cannot write results to {folder / 'results'}: {cause}"
     finally:
         for folder in (ro, full):
@@ -274,8 +274,9 @@ def test_average_of_bundled_and_mteb_tasks():
     import mteb
 
     import eval as ev
+    import mteb_tasks
 
-    tasks = [ev.WordNetSenseRetrieval("validation"), mteb.get_task("SciFact")]
+    tasks = [mteb_tasks.WordNetSenseRetrieval("validation"), mteb.get_task("SciFact")]
     scores = {("WordNetSenseRetrieval", "ndcg_at_10"): {"model": 0.4, "BM25": 0.1},
               ("SciFact", "ndcg_at_10"): {"model": 0.6}}
     ev.add_average(scores, tasks, ["model", "BM25"])
