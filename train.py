@@ -211,11 +211,11 @@ def micro_step(model, fmt, batch, micro, args, ctx):
         return {"loss": value}, negatives
     how, (wd2q, wq2d) = Decoding.from_flags(vars(args), fmt), args.task_weights
     with ctx:
-        if args.mode == "interleave":  # the paper: one task per batch, at the weights' ratio
+        if args.mode == "interleave":  # the paper's text: one task a batch, at the weights' ratio
             task = stage1_task(micro, wd2q, wq2d)
             loss, _ = stage1_loss(model, fmt, mine, task, how=how, total=hardware.all_sum)
             logs = {task: loss.item()}
-        else:  # sum: both tasks on every batch
+        else:  # sum, as the official code: both tasks on every batch
             weights = {t: w for t, w in (("d2q", wd2q), ("q2d", wq2d)) if w > 0}
             loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=how, total=hardware.all_sum)
             logs = {t: v for t, (v, _) in logs.items()}
