@@ -12,16 +12,19 @@ A checkpoint is written under a hidden name, renamed to step-NNNNNN when complet
 renaming a fresh `latest` link over the old one. A rename is atomic, so at every instant `latest`
 names a whole checkpoint: a kill at any point leaves the previous one, which is deleted only after
 the new one is published. A write that fails (disk full, read-only folder) removes what it wrote
-and raises SaveError naming the folder and the cause. train.py decides what goes in; this file
-writes a checkpoint, finds a run's latest and restores the training state from it. Left out:
-keeping the last k checkpoints, asynchronous writes.
+and raises SaveError naming the folder and the cause. Ctrl-C asks the loop to finish its step and
+save before it exits. train.py decides what goes in; this file writes a checkpoint, finds a run's
+latest and restores the training state from it. Left out: keeping the last k checkpoints,
+asynchronous writes.
 """
 
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -159,3 +162,19 @@ def latest(run: str) -> str:
                                 f"{path}/train_state.pt)")
     return path
 
+
+def on_ctrl_c(saved) -> list:
+    """Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once. Returns
+    the list the handler appends to; saved() names the last checkpoint."""
+    stop = []
+
+    def handler(sig, frame):
+        if stop:  # exit status 130 = 128 + SIGINT, as for a process killed by Ctrl-C
+            print(f"\ninterrupt: aborted without saving. Last saved checkpoint: {saved()}",
+                  file=sys.stderr)
+            sys.exit(130)
+        stop.append(sig)
+        print("\ninterrupt: finishing this step, then saving (Ctrl-C again: abort without saving)",
+              file=sys.stderr)
+    signal.signal(signal.SIGINT, handler)
+    return stop

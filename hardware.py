@@ -3,6 +3,8 @@ The machine a run uses, in one place that neither the model nor the method impor
 threads wait, which compute dtype a device runs fastest, a dropout whose mask a CPU draws quickly,
 running out of memory, and the processes of a data-parallel run under torchrun (the paper trains on
 8 GPUs). train.py and eval.py import this module before torch.
+Left out: tensor, pipeline and sequence parallelism and FSDP: the paper's 1-1.5B models, their fp32
+weights, gradients and AdamW state (~24 GB at 1.5B) fit on one GPU.
 """
 
 import os

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 
@@ -326,23 +325,6 @@ def build(args, device, resume_from, meta):
     return data, batches, model, fmt, opt, meta["step"]
 
 
-def on_ctrl_c(saved) -> list:
-    """Ctrl-C finishes the current step, saves and exits; a second Ctrl-C aborts at once. Returns
-    the list the handler appends to; saved() names the last checkpoint."""
-    stop = []
-
-    def handler(sig, frame):
-        if stop:  # exit status 130 = 128 + SIGINT, as for a process killed by Ctrl-C
-            print(f"\ninterrupt: aborted without saving. Last saved checkpoint: {saved()}",
-                  file=sys.stderr)
-            sys.exit(130)
-        stop.append(sig)
-        print("\ninterrupt: finishing this step, then saving (Ctrl-C again: abort without saving)",
-              file=sys.stderr)
-    signal.signal(signal.SIGINT, handler)
-    return stop
-
-
 # -----------------------------------------------------------------------------
 # The loop
 
@@ -369,7 +351,7 @@ def main(argv=None):
           f"{args.batch_size} x accum {args.grad_accum} | device {device} {args.dtype}{per_rank}")
     last_saved = [resume_from]  # what every error message names: nothing is lost up to there
     saved = lambda: last_saved[0] or "none yet"  # noqa: E731
-    stop = on_ctrl_c(saved)
+    stop = checkpoint.on_ctrl_c(saved)  # a list: non-empty once Ctrl-C asked to stop
     # Stage I only: what the [EOS] vector regenerates of held-out pairs, and the gap between the
     # loss given the true anchor and given another pair's (bireco.heldout_report)
     samples = args.stage == "recon" and args.sample_every > 0 and rank == 0
