@@ -568,7 +568,6 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     dataset, ours against the reference doing the same step. Times are per batch, averaged over
     the datasets (the default mix visits them equally) and, for Stage I, over the tasks at their
     0.8 : 0.2 interleaving."""
-    import types
     import train
 
     s1, s2 = train.STAGE_DEFAULTS["recon"], train.STAGE_DEFAULTS["contrastive"]
@@ -638,15 +637,13 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
             if ".lora_" in k:
                 ref.get_parameter(k).copy_(p)
     ours.train(), ref.train()
-    args = types.SimpleNamespace(chunk=train.parser.get_default("chunk"),
-                                 temperature=train.parser.get_default("temperature"))
-    one_pass = types.SimpleNamespace(chunk=10 ** 9, temperature=args.temperature)
+    chunk, temperature = (train.parser.get_default(k) for k in ("chunk", "temperature"))
     t2, flops2, passes = {}, [], []
     for name, pairs in data.items():
         batch = rng.sample(pairs, s2["batch_size"])
-        sides = {"ours": lambda: bireco.contrastive_step(ours, fmt, batch, args.chunk, args.temperature)[0],
-                 "ours one pass": lambda: bireco.contrastive_step(ours, fmt, batch, one_pass.chunk, args.temperature)[0],
-                 "ref": lambda: ref_contrastive(ref, fmt, batch, args.temperature)}
+        sides = {"ours": lambda: bireco.contrastive_step(ours, fmt, batch, chunk, temperature)[0],
+                 "ours one pass": lambda: bireco.contrastive_step(ours, fmt, batch, 10 ** 9, temperature)[0],
+                 "ref": lambda: ref_contrastive(ref, fmt, batch, temperature)}
         steps = steps_of(sides, {k: ours if k.startswith("ours") else ref for k in sides})
         for go in steps.values():
             go()
@@ -655,10 +652,10 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
         seqs = [fmt.embed_ids(p.query, p.instruction) for p in batch] + [fmt.embed_ids(p.positive) for p in batch] + [
             fmt.embed_ids(p.negative) for p in batch if p.negative]
         lengths = [len(x) for x in seqs]
-        chunks = bireco.token_chunks(lengths, args.chunk)
+        chunks = bireco.token_chunks(lengths, chunk)
         padded = bireco.padded_size(lengths, chunks)
         passes.append(f"{name} {len(chunks)} ({padded} padded tokens of {sum(lengths)} real, "
-                      f"{'plain' if padded <= args.chunk else 'cached'})")
+                      f"{'plain' if padded <= chunk else 'cached'})")
         flops2.append(model_flops(ours, lengths, training=False) * 2)  # frozen base: forward + input grads
     a, b, c = (mean(t2[k]) for k in ("ours", "ref", "ours one pass"))
     f2, bs = mean(flops2), s2["batch_size"]
@@ -668,7 +665,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
     report.notes.append(
         f"recipe {dname}: per-dataset step times (s), WordNet / man pages: " + "; ".join(
             f"{k} " + " / ".join(f"{v:.2f}" for v in vs) for k, vs in {**t1, **t2}.items())
-        + f". Stage II passes at --chunk {args.chunk}: {', '.join(passes)}. "
+        + f". Stage II passes at --chunk {chunk}: {', '.join(passes)}. "
         f"Stage II model FLOPs: 2 x forward (the base is frozen: no weight gradients); the second pass "
         f"of a cached step is work done but not counted")
 

@@ -118,11 +118,11 @@ def paper_stage2(device, dtype, folder, report, quick):
     words = " ".join(p.positive for p in load_pairs(os.path.join(ROOT, "wordnet", "train"))["wordnet"][:4000]).split()
     text = lambda i: " ".join(words[(i * 997) % 20000:(i * 997) % 20000 + 2 * length])  # cut to `length` tokens
     batch = [Pair(text(3 * i), text(3 * i + 1), text(3 * i + 2), "Retrieve the passage") for i in range(queries)]
-    args = argparse.Namespace(chunk=8 * length if quick else 64 * length, temperature=0.02)
+    chunk = 8 * length if quick else 64 * length  # padded tokens a pass
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     add = lambda *a, **k: report.add("llama1b" if not quick else "tiny-1b", str(dtype).removeprefix("torch."), *a, **k)
     try:
-        step = lambda: bireco.contrastive_step(model, fmt, batch, args.chunk, args.temperature, ctx)
+        step = lambda: bireco.contrastive_step(model, fmt, batch, chunk, 0.02, ctx)
         mem = benchmark.peak_memory(step, device)
         model.zero_grad(set_to_none=True)
         seconds = benchmark.timed(step, device)
