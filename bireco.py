@@ -7,7 +7,8 @@ fits its large batch, then the diagnostic of what the [EOS] vector carries.
   token that data.TextFormat appends (last-token pooling; mean pooling only for ablations).
 - Stage I (EBQ2D: query -> document, EBD2Q: document -> query): the anchor embedding E(x) is fed
   back into the same LLM as one input embedding directly before the other side's tokens
-  y_1..y_n, at position 0, whatever the padding. The anchor position predicts y_1, position k
+  y_1..y_n, at position 0, whatever the padding (by default after one real token and centred: see
+  Decoding). The anchor position predicts y_1, position k
   predicts y_(k+1): teacher-forced next-token prediction of the content tokens only. Logits are
   computed only at those n positions and in chunks, never for the whole (B, T, V) block, and each
   chunk's gradient is taken right after its loss, so no logits are kept for backward.
@@ -15,10 +16,9 @@ fits its large batch, then the diagnostic of what the [EOS] vector carries.
 - Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
   all positives and hard negatives of the batch. The step embeds the batch in passes of bounded
   size and, when they do not fit at once, as a cached step (GradCache): the same gradient.
-- Stage I options that are not in the paper, off by default (Decoding): decoder word dropout, a
-  detached decoder, a sink token before the anchor, centred anchors, and the shuffled-anchor
-  control; they were tried because after the paper's Stage I at CPU scale the anchor carries
-  nothing the decoder reads.
+- How the decoder reads the anchor (Decoding): the paper's input, the default (a sink token, then
+  the centred anchor: after the paper's input at CPU scale the anchor carries nothing the decoder
+  reads), and the shuffled-anchor control.
 - A diagnostic the paper has no name for: the target loss given the true anchor versus a
   shuffled anchor from another pair, i.e. how much the [EOS] vector says about the other side.
 
@@ -203,33 +203,28 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
 
 @dataclass(frozen=True)
 class Decoding:
-    """How Stage I's decoder pass reads the anchor. The defaults are the paper's; each other value
-    is a deviation, a train.py flag, off by default (what each did on held-out pairs:
-    experiments/README.md, "Why the [EOS] vector carries nothing after Stage I"):
-    - word_dropout p (--decoder-dropout): each input token y_k is replaced by a zero vector with
-      probability p, so the decoder predicts from the anchor and a thinned context (RetroMAE-style),
-      not from the language prior alone. Training only: diagnostics and samples decode unthinned.
-    - detach (--detach-decoder): the pass runs with the weights detached, so the gradient reaches
-      them only through the anchor (the encoder pass) and the decoder cannot lower the loss by
-      learning what targets look like (as a frozen decoder, ICAE / xRAG, but with the current
-      weights: one set of weights still encodes and decodes).
-    - sink_id (--sink): this token first, the anchor at position 1: position 0 is where a
-      pretrained LM parks attention whatever the content (the attention sink).
-    - centre (--centre-anchors): the decoder reads each anchor minus the batch's mean anchor,
-      scaled to the mean norm of the token embeddings. Final-norm states share one large
-      direction (cosine ~0.92 between documents' anchors in SmolLM2, norm ~46 against ~3 for
-      token embeddings); left in, the gradient through the anchors moves them all together
-      towards one generic prompt for the decoder, and what tells pairs apart drowns. Centred, the
-      anchors' gradients sum to zero over the batch: only what one pair's anchor tells the
-      decoder more than the others' is trained. Diagnostics centre over their batch too.
+    """How Stage I's decoder pass reads the anchor: the paper's input, the one train.py uses by
+    default, and a control (what each did on held-out pairs, and the options that did nothing on
+    their own and left, with the commit where they lived: experiments/README.md).
+    - Decoding() (PAPER, --anchor-input paper): the [EOS] vector itself at position 0, then
+      y_1 .. y_(n-1).
+    - sink_id + centre (--anchor-input centred, the default): the template's first token at
+      position 0, then the anchor minus the batch's mean anchor, scaled to the token embeddings'
+      mean norm, at position 1. Position 0 is where a pretrained LM parks attention whatever the
+      content (the attention sink): a vector there is not read. Final-norm states share one large
+      direction (cosine ~0.92 between documents' anchors in SmolLM2, norm ~46 against ~3 for token
+      embeddings); left in, the gradient through the anchors moves them all together towards one
+      generic prompt for the decoder. Centred, the anchors' gradients sum to zero over the batch:
+      only what one pair's anchor tells the decoder more than the others' is trained. The
+      untrained model reads a token-scale vector at position 1 at once, not at position 0
+      (experiments/oracle_anchors.py); neither part opens the gap alone. Diagnostics centre over
+      their batch too.
     - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
       anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
       with nothing to reconstruct from."""
-    word_dropout: float = 0.0
-    detach: bool = False
     sink_id: int | None = None
-    shuffle: bool = False
     centre: bool = False
+    shuffle: bool = False
 
     def read(self, anchor, W):
         """What the decoder reads of anchors (B, D), given the token embeddings W (V, D)."""
@@ -241,16 +236,17 @@ class Decoding:
 
     @classmethod
     def from_flags(cls, flags: dict, fmt: TextFormat) -> "Decoding":
-        """From train.py's flags (vars(args), or a checkpoint's meta.json "args"; flags an older run
-        lacks are off). The sink is the first token of the embedding template (<|im_start|>,
-        <|begin_of_text|>): what position 0 holds when a text is embedded."""
-        return cls(flags.get("decoder_dropout", 0.0), bool(flags.get("detach_decoder")),
-                   fmt.head[0] if flags.get("sink") and fmt.head else None,
-                   bool(flags.get("shuffle_anchors")), bool(flags.get("centre_anchors")))
+        """From train.py's flags (vars(args), or a checkpoint's meta.json "args"). "centred": the
+        sink is the first token of the embedding template (<|im_start|>, <|begin_of_text|>), what
+        position 0 holds when a text is embedded. A run saved before --anchor-input had the flags
+        --sink and --centre-anchors instead; a run without any of them decoded as the paper."""
+        centred = flags.get("anchor_input") == "centred"
+        sink, centre = centred or flags.get("sink"), centred or flags.get("centre_anchors")
+        return cls(fmt.head[0] if sink and fmt.head else None, bool(centre),
+                   bool(flags.get("shuffle_anchors")))
 
     def at_inference(self) -> "Decoding":
-        """The options that shape what a trained decoder reads (sink, centring); the training-only
-        ones (dropout, detached weights, the shuffled control) off."""
+        """What shapes what a trained decoder reads (sink, centring); the shuffled control off."""
         return Decoding(sink_id=self.sink_id, centre=self.centre)
 
 
@@ -280,14 +276,8 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
     the anchor's position predicts y_1, y_k's predicts y_(k+1). `how`: see Decoding."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
-    W, run = model.model.embed_tokens.weight, model
-    if how.detach:  # the same weights, outside autograd: only the anchor carries a gradient
-        params = {k: p.detach() for k, p in model.named_parameters()}
-        W, run = W.detach(), lambda **kw: torch.func.functional_call(model, params, (), kw)
+    W = model.model.embed_tokens.weight
     tok = F.embedding(targets[:, :-1], W)  # (B, n-1, D)
-    if how.word_dropout > 0:
-        keep = torch.rand(tok.shape[:2], device=device) >= how.word_dropout  # (B, n-1)
-        tok = tok * keep[..., None].to(tok.dtype)
     if how.shuffle:
         anchor = anchor.roll(1, dims=0)
     anchor = how.read(anchor, W)
@@ -295,7 +285,7 @@ def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
     x = _decoder_input(anchor, tok, sink)  # (B, P + n-1, D)
     P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
     padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)
-    h = run(inputs_embeds=x, padding_mask=padding)[:, P:]  # the anchor's and the tokens' positions
+    h = model(inputs_embeds=x, padding_mask=padding)[:, P:]  # the anchor's and the tokens' positions
     return h[mask], targets[mask]
 
 
@@ -305,8 +295,7 @@ def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | 
     anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side,
     mask (B, n). tokens: what the summed cross-entropy is divided by (default: mask's count)."""
     h, y = _decode(model, anchor, targets, mask, how)
-    weight = model.lm_head.weight.detach() if how.detach else None
-    return target_cross_entropy(model, h, y, chunk=chunk, weight=weight)[0] / (tokens or len(y))
+    return target_cross_entropy(model, h, y, chunk=chunk)[0] / (tokens or len(y))
 
 
 # A Stage I loss is a mean over the target tokens of a batch. Under data parallelism each process
@@ -341,8 +330,7 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
     wtype = torch.promote_types(h.dtype, torch.float32)
     row_weights = torch.cat([torch.full((n,), w / N, dtype=wtype, device=y.device)
                              for w, n, N in zip(weights.values(), sizes, counts)])
-    weight = model.lm_head.weight.detach() if how.detach else None
-    loss, ce = target_cross_entropy(model, h, y, row_weights, chunk, weight)
+    loss, ce = target_cross_entropy(model, h, y, row_weights, chunk)
     per_task = zip(weights, ce.split(sizes), counts)
     return loss, {task: (part.sum().item() / N, N) for task, part, N in per_task}
 
@@ -485,21 +473,32 @@ def split_reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pa
 
 @torch.no_grad()
 def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-                  batch: int = 16, how: Decoding = PAPER,
-                  kinds=("true", "shuffled", "mean")) -> dict[str, float]:
+                  batch: int = 16, how: Decoding = PAPER, kinds=("true", "shuffled", "mean"),
+                  shufflings: int = 1) -> dict:
     """Target loss per token over `pairs`, `batch` at a time, given three anchors: "true" (the
-    pair's own), "shuffled" (another pair's: anchors rolled by one) and "mean" (the batch's mean
-    anchor). shuffled - true > 0 says the [EOS] vector carries the other side; true < mean rules
-    out a decoder that merely breaks on a foreign vector. Mean over batches of each of `kinds`."""
-    sums, n, how = dict.fromkeys(kinds, 0.0), 0, how.at_inference()
+    pair's own), "shuffled" (another pair's: anchors rolled by 1, 2, .. `shufflings` within the
+    batch, the mean over the rolls) and "mean" (the batch's mean anchor). shuffled - true > 0 says
+    the [EOS] vector carries the other side; true < mean rules out a decoder that merely breaks on
+    a foreign vector. Mean over batches of each of `kinds`; with "shuffled", "each" holds the loss
+    of every roll apart (the noise band of the gap: which other pair's anchor it was)."""
+    how = how.at_inference()
+    sums, each, n = dict.fromkeys(kinds, 0.0), [0.0] * shufflings, 0
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
-        for name, a in (("true", anchor), ("shuffled", anchor.roll(1, dims=0)),
-                        ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
-            if name in sums:
-                sums[name] += reconstruction_loss(model, a, targets, mask, how=how).item()
+        loss = lambda a: reconstruction_loss(model, a, targets, mask, how=how).item()  # noqa: E731
+        if "true" in sums:
+            sums["true"] += loss(anchor)
+        if "shuffled" in sums:  # roll k of a batch of b is another pair's anchor for 0 < k < b
+            rolls = [loss(anchor.roll(1 + k % max(1, len(anchor) - 1), dims=0)) for k in range(shufflings)]
+            each = [e + r for e, r in zip(each, rolls)]
+            sums["shuffled"] += sum(rolls) / shufflings
+        if "mean" in sums:
+            sums["mean"] += loss(anchor.mean(0, keepdim=True).expand_as(anchor))
         n += 1
-    return {k: v / n for k, v in sums.items()}
+    out = {k: v / n for k, v in sums.items()}
+    if "shuffled" in sums:
+        out["each"] = [e / n for e in each]
+    return out
 
 
 @torch.no_grad()
@@ -564,11 +563,12 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
 
 def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]],
                    how: Decoding = PAPER, show: int = 1, what: str = "held-out pairs",
-                   at: str = "") -> list[str]:
+                   at: str = "", shufflings: int = 3) -> list[str]:
     """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
     its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
     the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
-    anchor's target loss minus the own one's, and the batch-mean anchor's. `at`: " at step 50".
+    anchor's target loss minus the own one's (the mean over `shufflings` and their range), and
+    the batch-mean anchor's. `at`: " at step 50".
     Runs in eval mode and leaves the model's mode and fmt's count of cut texts as they were."""
     training, counted = model.training, fmt.truncated  # a training run counts its own texts
     model.eval()
@@ -579,12 +579,15 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
     for name, pairs in sets.items():
         if len(pairs) < 2:
             continue
-        g = {task: anchor_losses(model, fmt, pairs, task, how=how) for task in ("d2q", "q2d")}
-        cells = (f"{label} {x['shuffled'] - x['true']:+.3f} (own {x['true']:.3f}, another's "
+        g = {task: anchor_losses(model, fmt, pairs, task, how=how, shufflings=shufflings)
+             for task in ("d2q", "q2d")}
+        cells = (f"{label} {x['shuffled'] - x['true']:+.3f} [{min(x['each']) - x['true']:+.3f}, "
+                 f"{max(x['each']) - x['true']:+.3f}] (own {x['true']:.3f}, another's "
                  f"{x['shuffled']:.3f}, mean {x['mean']:.3f})"
                  for label, x in (("EBD2Q", g["d2q"]), ("EBQ2D", g["q2d"])))
         lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
-                  "another pair's anchor minus given its own):", "  " + " | ".join(cells)]
+                  f"another pair's anchor minus given its own, [lowest, highest] over "
+                  f"{shufflings} shufflings):", "  " + " | ".join(cells)]
     model.train(training)
     fmt.truncated = counted
     return lines

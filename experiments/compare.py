@@ -55,7 +55,8 @@ parser.add_argument("--out", default=os.path.join(ROOT, "out", "compare"), help=
 parser.add_argument("--results", default=os.path.join(ROOT, "experiments", "results", "compare.json"),
                     help="the recorded units (small, kept in the repository); the plot goes beside it")
 parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-parser.add_argument("--arms", nargs="+", default=["baseline", "ours"], choices=["baseline", "ours", *ABLATIONS])
+parser.add_argument("--arms", nargs="+", default=["baseline", "ours", "control"],
+                    choices=["baseline", "ours", *ABLATIONS])
 parser.add_argument("--split", choices=["validation", "test"], default="test",
                     help="where scores come from: validation while choosing settings, test to report")
 parser.add_argument("--recon", default="", help="train.py flags for Stage I, e.g. \"--steps 60 --lr 2e-5\"")
@@ -91,12 +92,13 @@ def evaluate(model_dir, out, split):
     return scores
 
 
-def diagnostic(model_dir, split, n=64, how=None):
-    """{dataset: {task: true vs shuffled anchor loss}} on n held-out pairs of each bundled task,
-    decoded as `how` (bireco.Decoding; default: as the checkpoint's Stage I decoded)."""
+def diagnostic(model_dir, split, n=128, how=None):
+    """{dataset: {task: the own, another pair's (3 shufflings) and the mean anchor's loss}} on n
+    held-out pairs of each bundled task, decoded as `how` (bireco.Decoding; default: as the
+    checkpoint's Stage I decoded)."""
     import torch
 
-    from bireco import Embedder, checkpoint_decoding, split_reconstruction_gap
+    from bireco import Embedder, anchor_losses, checkpoint_decoding
     from data import INSTRUCTIONS, split_pairs
 
     embedder = Embedder.from_pretrained(model_dir)
@@ -106,8 +108,7 @@ def diagnostic(model_dir, split, n=64, how=None):
         pairs = split_pairs(os.path.join(ROOT, name, split), INSTRUCTIONS[name], n)
         out[name] = {}
         for task in ("d2q", "q2d"):
-            true, shuffled = split_reconstruction_gap(model, fmt, pairs, task, how=how)
-            out[name][task] = {"true": true, "shuffled": shuffled}
+            out[name][task] = anchor_losses(model, fmt, pairs, task, how=how, shufflings=3)
     del model, embedder
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
@@ -251,12 +252,14 @@ def report(results, path):
         cells = [fmt(*interval([s[t]["ndcg_at_10"] for s in by_seed.values()])) for t in TASKS]
         print(f"| {arm} | " + " | ".join(cells) + f" | {len(by_seed)} |")
     base = finals.get("baseline", {})
-    for arm, by_seed in finals.items():  # the paired differences, as rows of the same table
-        paired = sorted(set(by_seed) & set(base))
-        if arm != "baseline" and paired:
-            cells = [fmt(*interval([by_seed[s][t]["ndcg_at_10"] - base[s][t]["ndcg_at_10"] for s in paired]))
-                     for t in TASKS]
-            print(f"| {arm} - baseline, paired by seed | " + " | ".join(cells) + f" | {len(paired)} |")
+    pairs = [(arm, "baseline") for arm in finals if arm != "baseline"]
+    pairs += [("ours", "control")] * ("ours" in finals and "control" in finals)
+    for arm, other in pairs:  # the paired differences, as rows of the same table
+        paired = sorted(set(finals[arm]) & set(finals[other]))
+        if paired:
+            cells = [fmt(*interval([finals[arm][s][t]["ndcg_at_10"] - finals[other][s][t]["ndcg_at_10"]
+                                    for s in paired])) for t in TASKS]
+            print(f"| {arm} - {other}, paired by seed | " + " | ".join(cells) + f" | {len(paired)} |")
     for arm, by_seed in finals.items():
         paired = sorted(set(by_seed) & set(base))
         if arm == "baseline" or not paired:
@@ -276,7 +279,8 @@ def report(results, path):
             print(f"{k}: {loss_summary(v)}")
     for k, v in sorted(results.items()):
         if "diagnostic" in k and not k.endswith(".seconds"):
-            print(f"{k}: " + "; ".join(f"{name} " + ", ".join(f"{t} {g['true']:.2f} vs {g['shuffled']:.2f}"
+            print(f"{k}: " + "; ".join(f"{name} " + ", ".join(f"{t} gap {g['shuffled'] - g['true']:+.2f} "
+                                                            f"(own {g['true']:.2f}, another's {g['shuffled']:.2f})"
                                                             for t, g in d.items()) for name, d in v.items()))
     try:
         import matplotlib
