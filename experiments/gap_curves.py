@@ -1,10 +1,13 @@
 """
 The held-out gap against pairs seen, from Stage I logs: every "gap at step N" block that train.py
-prints (--sample-every, --gap-pairs), one line a run and task, one panel a dataset.
+prints (--sample-every, --gap-pairs), one line a run and task, one panel a dataset; where the log
+gives the gap's range over several shufflings (which other pair's anchor each row decodes from),
+a band around the line.
 
-  python experiments/gap_curves.py experiments/results/stage1-search/*.log --out experiments/results/stage1-search/gap.png
+  python experiments/gap_curves.py default=out/recon/train.log paper=out/paper/train.log --out gap.png
 
-Prints the table too (pairs seen = step x batch size, from the log's config line).
+A log is NAME=PATH or a PATH (its file name then names it). Prints the table too (pairs seen =
+step x batch size, from the log's config line).
 """
 
 import argparse
@@ -17,53 +20,66 @@ parser.add_argument("logs", nargs="+")
 parser.add_argument("--out", default=None, help="PNG to draw (needs matplotlib: pip install .[plot])")
 
 HEAD = re.compile(r"gap at step (\d+), (\w+) \((\d+) pairs")
-NEW = re.compile(r"EBD2Q ([+-]\d+\.\d+) \(own (\d+\.\d+).*?mean (\d+\.\d+)\) \| EBQ2D ([+-]\d+\.\d+) \(own (\d+\.\d+).*?mean (\d+\.\d+)\)")
-OLD = re.compile(r"EBD2Q ([+-]\d+\.\d+) \(true (\d+\.\d+).*?mean anchor (\d+\.\d+)\) \| EBQ2D ([+-]\d+\.\d+) \(true (\d+\.\d+).*?mean anchor (\d+\.\d+)\)")
+GAP = r"([+-]\d+\.\d+)(?: \[([+-]\d+\.\d+), ([+-]\d+\.\d+)\])? \((?:own|true)"
+CELLS = re.compile(rf"EBD2Q {GAP}.*?\| EBQ2D {GAP}")
 
 
 def read(log):
-    """{dataset: [(pairs seen, d2q gap, q2d gap)]} and the run's config."""
-    text = open(log).read()
+    """{dataset: [(pairs seen, (d2q gap, low, high), (q2d gap, low, high))]}; low and high are the
+    gap itself where the log has no range."""
+    with open(log) as f:
+        text = f.read()
     config = json.loads(re.search(r"^config: (.*)$", text, re.M).group(1))
-    curves = {}
-    lines = text.splitlines()
+    curves, lines = {}, text.splitlines()
     for i, line in enumerate(lines):
         head = HEAD.search(line)
         if not head:
             continue
-        m = NEW.search(line) or OLD.search(line) or NEW.search(lines[i + 1])
-        step, dataset = int(head.group(1)), head.group(2)
-        curves.setdefault(dataset, []).append((step * config["batch_size"], float(m.group(1)), float(m.group(4))))
-    return curves, config
+        m = CELLS.search(line) or CELLS.search(lines[i + 1])
+        v = [float(x) if x is not None else None for x in m.groups()]
+        d2q, q2d = [(g, lo if lo is not None else g, hi if hi is not None else g)
+                    for g, lo, hi in (v[:3], v[3:])]
+        pairs = int(head.group(1)) * config["batch_size"]
+        curves.setdefault(head.group(2), []).append((pairs, d2q, q2d))
+    return curves
 
 
 def main():
     args = parser.parse_args()
-    runs = {os.path.splitext(os.path.basename(log))[0]: read(log) for log in args.logs}
-    print(f"{'run':<24} {'dataset':<9} pairs seen: EBD2Q gap / EBQ2D gap")
-    for name, (curves, _) in runs.items():
+    runs = {}
+    for spec in args.logs:
+        name, _, path = spec.rpartition("=")
+        runs[name or os.path.splitext(os.path.basename(path))[0]] = read(path)
+    print(f"{'run':<24} {'dataset':<9} pairs seen: EBD2Q gap / EBQ2D gap [range over shufflings]")
+    for name, curves in runs.items():
         for dataset, points in curves.items():
-            print(f"{name:<24} {dataset:<9} " + "  ".join(f"{n}: {a:+.3f}/{b:+.3f}" for n, a, b in points))
-    if args.out:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+            print(f"{name:<24} {dataset:<9} " + "  ".join(
+                f"{n}: {a[0]:+.2f} [{a[1]:+.2f}, {a[2]:+.2f}] / {b[0]:+.2f} [{b[1]:+.2f}, {b[2]:+.2f}]"
+                for n, a, b in points))
+    if not args.out:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        datasets = sorted({d for curves, _ in runs.values() for d in curves})
-        fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
-        for ax, dataset in zip(axes[0], datasets):
-            for i, (name, (curves, _)) in enumerate(runs.items()):
-                if dataset in curves:
-                    n, a, b = zip(*curves[dataset])
-                    ax.plot(n, a, "-o", color=f"C{i}", label=f"{name} EBD2Q")
-                    ax.plot(n, b, "--x", color=f"C{i}", label=f"{name} EBQ2D")
-            ax.axhline(0, color="grey", lw=0.5)
-            ax.axhline(0.3, color="grey", lw=0.5, ls=":")
-            ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen", ylabel="another's - own anchor loss")
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(args.out, dpi=100)
-        print(f"plot: {args.out}")
+    datasets = sorted({d for curves in runs.values() for d in curves}, reverse=True)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for i, (name, curves) in enumerate(runs.items()):
+            points = curves.get(dataset, [])
+            n = [p[0] for p in points]
+            for k, (task, style) in enumerate((("EBD2Q", "-o"), ("EBQ2D", "--x"))):
+                gap = [p[1 + k] for p in points]
+                ax.plot(n, [g[0] for g in gap], style, color=f"C{i}", ms=4, label=f"{name} {task}")
+                ax.fill_between(n, [g[1] for g in gap], [g[2] for g in gap], color=f"C{i}", alpha=0.15)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axhline(0.3, color="grey", lw=0.5, ls=":")
+        ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen",
+               ylabel="another pair's anchor - own anchor")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"plot: {args.out}")
 
 
 if __name__ == "__main__":

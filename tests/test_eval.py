@@ -242,7 +242,8 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
 
 def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     """--reconstruct 2: the first two held-out pairs with their four regenerated sides, then the
-    true vs shuffled anchor loss over the whole split, equal to bireco's per-batch diagnostic."""
+    gap over the whole split, batches of 16: another pair's anchor (rolled by 1, 2 and 3: their mean
+    and range) against the own one's loss, each decoded by hand."""
     import torch
 
     import bireco
@@ -262,10 +263,19 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     model = load_model(tiny_model_dir).eval()
     fmt = data.TextFormat(*load_tokenizer(tiny_model_dir))
     for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
+        true, rolled = [], []  # per batch of 16: the own anchor's loss, and anchors rolled by 1, 2, 3
         with torch.no_grad():
-            gaps = [bireco.reconstruction_gap(model, fmt, pairs[i:i + 16], task) for i in range(0, len(pairs), 16)]
-        true, shuffled = (sum(g[k] for g in gaps) / len(gaps) for k in (0, 1))
-        assert f"{label} {shuffled - true:+.3f} (own {true:.3f}, another's {shuffled:.3f}" in lines[start + 14]
+            for i in range(0, len(pairs), 16):
+                anchor, targets, mask = bireco._stage1_inputs(model, fmt, pairs[i:i + 16], task)
+                true.append(bireco.reconstruction_loss(model, anchor, targets, mask).item())
+                assert len(anchor) > 3  # so rolls by 1, 2 and 3 are three other pairs' anchors
+                rolled.append([bireco.reconstruction_loss(model, anchor.roll(k, 0), targets, mask).item()
+                               for k in (1, 2, 3)])
+        own = sum(true) / len(true)
+        each = [sum(r[k] for r in rolled) / len(rolled) - own for k in range(3)]
+        shuffled = own + sum(each) / 3
+        assert (f"{label} {shuffled - own:+.3f} [{min(each):+.3f}, {max(each):+.3f}] (own {own:.3f}, "
+                f"another's {shuffled:.3f}") in lines[start + 14]
 
 
 def test_average_of_bundled_and_mteb_tasks():

@@ -410,6 +410,9 @@ def test_stage1_prints_the_held_out_gap(tiny_model_dir, tmp_path, capsys):
     tok, eos_ids = load_tokenizer(tiny_model_dir)
     fmt = TextFormat(tok, eos_ids, 64)
     pairs = split_pairs(os.path.join(ROOT, "manpages", "validation"), INSTRUCTIONS["manpages"], 4)
-    g = bireco.anchor_losses(model, fmt, pairs, "d2q")
+    how = bireco.checkpoint_decoding(str(tmp_path / "run" / "latest"), fmt)
+    assert how == bireco.Decoding(sink_id=fmt.head[0], centre=True)  # the default: centred, after a token
+    g = bireco.anchor_losses(model, fmt, pairs, "d2q", how=how, shufflings=3)
+    low, high = (f(g["each"]) - g["true"] for f in (min, max))
     last = out.strip().splitlines()[-3]  # the manpages line at step 1, then "saved", "done"
-    assert f"EBD2Q {g['shuffled'] - g['true']:+.3f} (own {g['true']:.3f}" in last
+    assert f"EBD2Q {g['shuffled'] - g['true']:+.3f} [{low:+.3f}, {high:+.3f}] (own {g['true']:.3f}" in last
