@@ -1,6 +1,7 @@
-"""experiments/compare.py on the tiny model: every unit of a paired two-seed comparison recorded
-once, the report (BM25, the untrained model, both arms, the paired difference, the curve), and a
-continued run that retrains a deleted Stage I checkpoint to the same scores."""
+"""experiments/compare.py on the tiny model: every unit of a paired two-seed comparison of the
+three arms recorded once, the report (BM25, the untrained model, the arms, the paired differences
+against the baseline and ours against the control, the curve), and a continued run that retrains a
+deleted Stage I checkpoint to the same scores."""
 
 import json
 import os
@@ -30,11 +31,13 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     stdout, results = experiment(tiny_model_dir, out)
     scores = {k: v for k, v in results.items() if not k.endswith(".seconds")}
-    evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in ("baseline", "ours") for p in (0, 1, 2)] \
-        + [f"{arm}/s1/contrastive@2-validation" for arm in ("baseline", "ours")]
-    diagnostics = ["base/diagnostic-validation", "ours/s0/recon/diagnostic-validation", "ours/s1/recon/diagnostic-validation"]
-    others = {"settings", "bm25/validation", "ours/s0/recon", "ours/s1/recon"} | {
-        f"{arm}/s{s}/losses" for arm in ("baseline", "ours") for s in (0, 1)}
+    arms = ("baseline", "ours", "control")  # the default arms; only the first seed's first two draw the curve
+    evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in arms[:2] for p in (0, 1, 2)] \
+        + ["control/s0/contrastive@2-validation"] + [f"{arm}/s1/contrastive@2-validation" for arm in arms]
+    diagnostics = ["base/diagnostic-validation"] + [f"{arm}/s{s}/recon/diagnostic-validation"
+                                                    for arm in arms[1:] for s in (0, 1)]
+    others = {"settings", "bm25/validation"} | {f"{arm}/s{s}/recon" for arm in arms[1:] for s in (0, 1)} | {
+        f"{arm}/s{s}/losses" for arm in arms for s in (0, 1)}
     assert set(scores) == set(evals) | set(diagnostics) | others
     for k in evals:
         assert set(scores[k]) == set(TASKS)
@@ -42,7 +45,8 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
             assert 0.0 <= scores[k][t]["ndcg_at_10"] <= 1.0 and scores[k][t]["recall_at_100"] >= scores[k][t]["recall_at_10"]
     for k in diagnostics:
         assert set(scores[k]) == {"wordnet", "manpages"}
-        assert all(g["true"] > 0 and g["shuffled"] > 0 for d in scores[k].values() for g in d.values())
+        assert all(g["true"] > 0 and g["shuffled"] > 0 and len(g["each"]) == 3 for d in scores[k].values()
+                   for g in d.values())
     assert [s for s, _ in scores["baseline/s0/losses"]] == [1, 2]  # the log of the whole run, resumed at step 1
     assert scores["baseline/s0/contrastive@0-validation"] == scores["base/validation"]  # the curve starts at the base
     with open(os.path.join(out, "ours-s1", "recon", "latest", "meta.json")) as f:
@@ -58,6 +62,10 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     paired = next(line for line in lines if line.startswith("ours - baseline, paired by seed (2 pairs)"))
     diff = [scores[f"ours/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"] - wn[s] for s in (0, 1)]
     assert f"WordNetSenseRetrieval {sum(diff) / 2:.3f}" in paired
+    row = next(line for line in lines if line.startswith("| ours - control, paired by seed |"))
+    diff = [scores[f"ours/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"]
+            - scores[f"control/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"] for s in (0, 1)]
+    assert row.split("|")[2].strip().startswith(f"{sum(diff) / 2:.3f}") and row.rstrip().endswith("| 2 |")
 
     # nothing left to do: a second run trains nothing
     again, results2 = experiment(tiny_model_dir, out)
