@@ -74,7 +74,7 @@ def main():
                 ax.fill_between(n, [g[1] for g in gap], [g[2] for g in gap], color=f"C{i}", alpha=0.15)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axhline(0.3, color="grey", lw=0.5, ls=":")
-        ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen",
+        ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen (all datasets)",
                ylabel="another pair's anchor - own anchor")
         ax.legend(fontsize=7)
     fig.tight_layout()
