@@ -32,6 +32,7 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -225,12 +226,13 @@ class Decoding:
     sink_id: int | None = None
     centre: bool = False
     shuffle: bool = False
+    batch_mean: Callable | None = None  # under torchrun: the global batch's (hardware.global_mean)
 
     def read(self, anchor, W):
         """What the decoder reads of anchors (B, D), given the token embeddings W (V, D)."""
         if not self.centre:
             return anchor
-        a = anchor - anchor.mean(0, keepdim=True)
+        a = anchor - (anchor.mean(0, keepdim=True) if self.batch_mean is None else self.batch_mean(anchor))
         scale = W.detach().float().norm(dim=-1).mean()  # ~3 in SmolLM2
         return a * (scale / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(a.dtype)
 

@@ -135,6 +135,15 @@ def gather_batch(reps, sections: int):
     return torch.cat([part.chunk(sections)[k] for k in range(sections) for part in parts])
 
 
+def global_mean(x):
+    """Stage I's centred anchors: this rank's rows (b, D) -> the mean over every rank's rows (1, D),
+    as one process would take it over the whole batch. Differentiable: the backward sums every
+    rank's gradient of the mean, so each rank's anchors get what the whole batch's loss asks."""
+    from torch.distributed.nn.functional import all_reduce
+    total = all_reduce(x.float().sum(0, keepdim=True))  # fp32: gloo and bf16 do not always meet
+    return (total / (len(x) * WORLD)).to(x.dtype)
+
+
 def gather_objects(obj) -> list:
     """Every rank's obj, in rank order (pickled; for small things such as RNG states)."""
     objs = [None] * WORLD

@@ -26,6 +26,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 
 import hardware  # first: it sets the OpenMP wait policy before torch loads
 import numpy as np
@@ -207,6 +208,8 @@ def micro_step(model, fmt, batch, micro, args, ctx):
                                             1 / args.grad_accum, gather)
         return {"loss": value}, negatives
     how, (wd2q, wq2d) = Decoding.from_flags(vars(args), fmt), args.task_weights
+    if hardware.WORLD > 1:  # centred anchors: minus the global batch's mean, as on one process
+        how = replace(how, batch_mean=hardware.global_mean)
     with ctx:
         if args.mode == "interleave":  # the paper's text: one task a batch, at the weights' ratio
             task = stage1_task(micro, wd2q, wq2d)

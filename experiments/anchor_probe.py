@@ -5,8 +5,8 @@ What a checkpoint's [EOS] anchors hold, on held-out validation pairs of each bun
   that lies off their mean (anchors that all point one way leave a decoder little to read);
 - retrieval with the raw anchors: top-1 accuracy of each query's anchor among the documents';
 - the reconstruction gap per target position: target loss given another pair's anchor minus
-  given the true one, at positions 1-3 and over all positions, for EBD2Q and EBQ2D, and the loss
-  given the batch's mean anchor.
+  given the true one, at positions 1, 2, 3, 4-8, 9-16, 17-32 and 33-64 and over all tokens, for
+  EBD2Q and EBQ2D, and the loss given the batch's mean anchor.
 
   python experiments/anchor_probe.py CHECKPOINT [CHECKPOINT ...] [--pairs 64]
 """
@@ -52,24 +52,27 @@ def probe(path, pairs_by_dataset, batch):
         print(f"{name}: documents' anchors norm {d.norm(dim=-1).mean():.1f}, cosine {cos(d):.3f}, "
               f"off the mean {spread:.3f}; raw-anchor retrieval top-1 {top1:.3f} of {len(q)}")
         for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
-            sums, counts = {}, torch.zeros(3)
+            sums, counts = {}, torch.zeros(POSITIONS)  # per target position 1 .. POSITIONS
             for i in range(0, len(pairs), batch):
                 anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
-                m = mask.float()
+                m = mask.float()[:, :POSITIONS]
                 for kind, a in (("true", anchor), ("shuffled", anchor.roll(1, 0)),
                                 ("mean", anchor.mean(0, keepdim=True).expand_as(anchor))):
-                    loss = position_losses(model, a, targets, mask, how)
-                    first, total = (loss[:, :3] * m[:, :3]).sum(0), (loss * m).sum()
-                    s = sums.setdefault(kind, [torch.zeros(3), 0.0])
-                    s[0] += first
-                    s[1] += total.item()
-                counts += m[:, :3].sum(0)
-                sums.setdefault("tokens", [0, 0.0])[1] += m.sum().item()
-            per = {k: (v[0] / counts, v[1] / sums["tokens"][1]) for k, v in sums.items() if k != "tokens"}
-            gap_first = per["shuffled"][0] - per["true"][0]
-            print(f"  {label}: true {per['true'][1]:.3f}, shuffled {per['shuffled'][1]:.3f}, mean anchor "
-                  f"{per['mean'][1]:.3f}, gap {per['shuffled'][1] - per['true'][1]:+.3f}; gap at positions 1-3 "
-                  + " ".join(f"{g:+.2f}" for g in gap_first.tolist()))
+                    loss = position_losses(model, a, targets, mask, how)[:, :POSITIONS]
+                    s = sums.setdefault(kind, torch.zeros(POSITIONS))
+                    s[:loss.shape[1]] += (loss * m).sum(0)
+                counts[:m.shape[1]] += m.sum(0)
+            per = {k: v.sum() / counts.sum() for k, v in sums.items()}  # over all tokens
+            gap = sums["shuffled"] - sums["true"]  # summed over pairs, per position
+            spans = [(lo, hi) for lo, hi in SPANS if counts[lo - 1:hi].sum() > 0]
+            print(f"  {label}: true {per['true']:.3f}, shuffled {per['shuffled']:.3f}, mean anchor "
+                  f"{per['mean']:.3f}, gap {per['shuffled'] - per['true']:+.3f}; gap by target position "
+                  + ", ".join(f"{lo}{'-' + str(hi) if hi > lo else ''} {gap[lo - 1:hi].sum() / counts[lo - 1:hi].sum():+.2f}"
+                              for lo, hi in spans))
+
+
+POSITIONS = 64  # train.py's default --max-length
+SPANS = [(1, 1), (2, 2), (3, 3), (4, 8), (9, 16), (17, 32), (33, 64)]
 
 
 def main():

@@ -2,10 +2,10 @@
 Can a Stage I of this size teach the decoder to read the anchor? One Stage I run (train.py's
 recipe, or its flags after --, the decoder options among them), then the reconstruction diagnostic
 on held-out validation pairs: target loss per token given the true anchor against another pair's.
-A gap is what a healthy Stage I leaves; the recipe of today leaves none (experiments/README.md).
+A gap is what a healthy Stage I leaves (experiments/README.md: the record of every probe).
 
   python experiments/stage1_probe.py                          # train.py's Stage I
-  python experiments/stage1_probe.py -- --lr 1e-4 --sink      # with train.py flags
+  python experiments/stage1_probe.py -- --anchor-input paper  # with train.py flags
   python experiments/stage1_probe.py --report
 
 The untrained model is measured once per decoder input (the flags' bireco.Decoding), the trained
@@ -84,13 +84,14 @@ def main():
 
     model = args.model or default_model_dir()
     flags = vars(train.parser.parse_args(["--stage", "recon", *args.train_flags]))
-    base = "base " + (" ".join(k for k in ("sink", "centre_anchors") if flags[k]) or "paper")
+    flags["anchor_input"] = flags["anchor_input"] or STAGE_DEFAULTS["recon"]["anchor_input"]
+    base = "base " + ("paper" if flags["anchor_input"] == "paper" else "sink centre_anchors")
     if base not in results:  # the untrained model, as the run's decoder reads anchors
         fmt = bireco.Embedder.from_pretrained(model).fmt
         how = bireco.Decoding.from_flags(flags, fmt).at_inference()
         results[base] = dict(flags="", seconds=0, diagnostic=compare.diagnostic(model, "validation", args.pairs, how))
         save()
-    name = f"{shlex.join(args.train_flags) or 'paper'} s{args.seed}"
+    name = f"{shlex.join(args.train_flags) or 'defaults'} s{args.seed}"
     run = os.path.join(args.out, re.sub(r"[^\w.-]+", "_", name.replace("--", "")))
     if name not in results:
         t0 = time.time()
