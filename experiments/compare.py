@@ -252,7 +252,7 @@ def report(results, path):
         cells = [fmt(*interval([s[t]["ndcg_at_10"] for s in by_seed.values()])) for t in TASKS]
         print(f"| {arm} | " + " | ".join(cells) + f" | {len(by_seed)} |")
     base = finals.get("baseline", {})
-    pairs = [(arm, "baseline") for arm in finals if arm != "baseline"]
+    pairs = [(arm, "baseline") for arm in finals if arm != "baseline" and base]
     pairs += [("ours", "control")] * ("ours" in finals and "control" in finals)
     for arm, other in pairs:  # the paired differences, as rows of the same table
         paired = sorted(set(finals[arm]) & set(finals[other]))
