@@ -82,10 +82,13 @@ MISTAKES = [
             "self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))",
             "self.down_proj(self.gate_proj(x) * F.silu(self.up_proj(x)))",
             "SwiGLU's SiLU on the up projection instead of the gate"),
-    Mistake("positions-count-padding", 1, "model.py",
-            "            position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)",
-            "            position_ids = torch.arange(T, device=x.device).expand(B, T)",
-            "positions counted from the row's start, padding included (wrong for left padding)"),
+    Mistake("mask-not-causal", 1, "model.py",
+            "        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=padding_mask.device).tril()",
+            "        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=padding_mask.device)",
+            "the explicit mask (left padding) lets every token see the ones after it"),
+    # Not a mistake, so not listed: positions counted from the row's start, padding included. A
+    # constant shift of every position in a row leaves RoPE's q . k unchanged (it depends on the
+    # difference only), so left-padded rows come out the same.
     # step 2: the text format
     Mistake("no-eos-appended", 2, "data.py",
             "        return self.head + self._fit(self.ids(prefix + text), room) + [self.eos_id]",
