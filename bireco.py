@@ -484,22 +484,22 @@ def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: 
     a foreign vector. Mean over batches of each of `kinds`; with "shuffled", "each" holds the loss
     of every roll apart (the noise band of the gap: which other pair's anchor it was)."""
     how = how.at_inference()
-    sums, each, n = dict.fromkeys(kinds, 0.0), [0.0] * shufflings, 0
+    sums, each, n = dict.fromkeys(set(kinds) - {"shuffled"}, 0.0), [0.0] * shufflings, 0
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
         loss = lambda a: reconstruction_loss(model, a, targets, mask, how=how).item()  # noqa: E731
         if "true" in sums:
             sums["true"] += loss(anchor)
-        if "shuffled" in sums:  # roll k of a batch of b is another pair's anchor for 0 < k < b
-            rolls = [loss(anchor.roll(1 + k % max(1, len(anchor) - 1), dims=0)) for k in range(shufflings)]
-            each = [e + r for e, r in zip(each, rolls)]
-            sums["shuffled"] += sum(rolls) / shufflings
+        if "shuffled" in kinds:  # roll k of a batch of b is another pair's anchor for 0 < k < b
+            each = [e + loss(anchor.roll(1 + k % max(1, len(anchor) - 1), dims=0))
+                    for k, e in enumerate(each)]
         if "mean" in sums:
             sums["mean"] += loss(anchor.mean(0, keepdim=True).expand_as(anchor))
         n += 1
     out = {k: v / n for k, v in sums.items()}
-    if "shuffled" in sums:
+    if "shuffled" in kinds:  # the mean over the rolls, and each roll's
         out["each"] = [e / n for e in each]
+        out["shuffled"] = sum(out["each"]) / shufflings
     return out
 
 
