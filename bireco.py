@@ -337,16 +337,20 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
     return loss, {task: (part.sum().item() / N, N) for task, part, N in per_task}
 
 
-def _stage1_inputs(model, fmt, pairs, task):
+def stage1_sides(pairs, task):
+    """Each pair's source, (instruction, text) for the encoder, and its target text: the query
+    regenerates the document in q2d (EBQ2D), the document the query in d2q (EBD2Q)."""
     if task == "q2d":
-        anchor = embed_texts(model, fmt, [(p.instruction, p.query) for p in pairs])
-        targets, mask = pad([fmt.target_ids(p.positive) for p in pairs], fmt.pad_id)
-    elif task == "d2q":
-        anchor = embed_texts(model, fmt, [(None, p.positive) for p in pairs])
-        targets, mask = pad([fmt.target_ids(p.query) for p in pairs], fmt.pad_id)
-    else:
-        raise ValueError(f"unknown Stage I task {task!r} (q2d or d2q)")
-    return anchor, targets, mask
+        return [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]
+    if task == "d2q":
+        return [(None, p.positive) for p in pairs], [p.query for p in pairs]
+    raise ValueError(f"unknown Stage I task {task!r} (q2d or d2q)")
+
+
+def _stage1_inputs(model, fmt, pairs, task):
+    sources, targets = stage1_sides(pairs, task)
+    targets, mask = pad([fmt.target_ids(t) for t in targets], fmt.pad_id)
+    return embed_texts(model, fmt, sources), targets, mask
 
 
 # -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bireco import Embedder, _decode, _stage1_inputs, checkpoint_decoding, target_cross_entropy  # noqa: E402
+from bireco import Embedder, _decode, _stage1_inputs, checkpoint_decoding, stage1_sides, target_cross_entropy  # noqa: E402
 from data import INSTRUCTIONS, pad, split_pairs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,10 +55,9 @@ def text_position_losses(model, fmt, sources, targets):
 
 
 def text_inputs(fmt, pairs, task):
-    """What the encoder reads (its ids) and the target ids of each pair, as _stage1_inputs pairs them."""
-    if task == "q2d":
-        return [fmt.embed_ids(p.query, p.instruction) for p in pairs], [fmt.target_ids(p.positive) for p in pairs]
-    return [fmt.embed_ids(p.positive) for p in pairs], [fmt.target_ids(p.query) for p in pairs]
+    """What the encoder reads (its ids) and the target ids of each pair (bireco.stage1_sides)."""
+    sources, targets = stage1_sides(pairs, task)
+    return [fmt.embed_ids(text, instruction) for instruction, text in sources], [fmt.target_ids(t) for t in targets]
 
 
 def accumulate(sums, kind, loss, m):

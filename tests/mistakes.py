@@ -136,13 +136,13 @@ MISTAKES = [
             "centred anchors left at their own norm, not the token embeddings'"),
     # step 5: EBQ2D, EBD2Q and their interleaving
     Mistake("instruction-in-d2q-target", 5, "bireco.py",
-            "        targets, mask = pad([fmt.target_ids(p.query) for p in pairs], fmt.pad_id)",
-            "        targets, mask = pad([fmt.target_ids(f\"Instruct: {p.instruction}\\nQuery: {p.query}\")\n"
-            "                             for p in pairs], fmt.pad_id)",
+            "        return [(None, p.positive) for p in pairs], [p.query for p in pairs]",
+            "        return [(None, p.positive) for p in pairs], [f\"Instruct: {p.instruction}\\nQuery: {p.query}\"\n"
+            "                                                     for p in pairs]",
             "EBD2Q's targets include the instruction, not only the query's text"),
     Mistake("q2d-without-instruction", 5, "bireco.py",
-            "        anchor = embed_texts(model, fmt, [(p.instruction, p.query) for p in pairs])",
-            "        anchor = embed_texts(model, fmt, [(None, p.query) for p in pairs])",
+            "        return [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]",
+            "        return [(None, p.query) for p in pairs], [p.positive for p in pairs]",
             "EBQ2D embeds the query without its instruction"),
     Mistake("interleave-ratio-inverted", 5, "data.py",
             "    p = Fraction(w_q2d / (w_d2q + w_q2d)).limit_denominator(100)",
