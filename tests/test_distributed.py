@@ -42,9 +42,11 @@ def assert_same_weights(a, b, atol):
         torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
 
 
+# Stage I at lr 1e-4, not its default: the summation-order noise of Adam's updates grows with the
+# rate, and atol=1e-6 is sized for 1e-4 (at 2e-4 one weight in 25,600 differed by 1.1e-6)
 @pytest.mark.parametrize("stage, extra", [
-    ("recon", ["--grad-accum", "2"]),  # interleaved EBD2Q / EBQ2D, two micro-batches a step
-    ("recon", ["--mode", "sum"]),  # both tasks on every batch, weighted by each task's global token count
+    ("recon", ["--grad-accum", "2", "--lr", "1e-4"]),  # interleaved EBD2Q / EBQ2D, two micro-batches a step
+    ("recon", ["--mode", "sum", "--lr", "1e-4"]),  # both tasks on every batch, weighted by each task's global token count
     ("contrastive", ["--lora-dropout", "0", "--chunk", "64"]),  # the cached step, several chunks a rank
     ("contrastive", ["--lora-dropout", "0"]),  # one chunk a rank
 ], ids=["recon-accum", "recon-sum", "contrastive-chunked", "contrastive"])
