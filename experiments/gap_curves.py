@@ -63,7 +63,7 @@ def main():
     import matplotlib.pyplot as plt
 
     datasets = sorted({d for curves in runs.values() for d in curves}, reverse=True)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets) + 3, 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for i, (name, curves) in enumerate(runs.items()):
             points = curves.get(dataset, [])
@@ -76,7 +76,7 @@ def main():
         ax.axhline(0.3, color="grey", lw=0.5, ls=":")
         ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen (all datasets)",
                ylabel="another pair's anchor - own anchor")
-        ax.legend(fontsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # one key, beside the panels
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"plot: {args.out}")
