@@ -76,7 +76,8 @@ def main():
         ax.axhline(0.3, color="grey", lw=0.5, ls=":")
         ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen (all datasets)",
                ylabel="another pair's anchor - own anchor")
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # one key, beside the panels
+    key = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}  # every run, once
+    axes[0][-1].legend(key.values(), key.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"plot: {args.out}")
