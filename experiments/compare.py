@@ -21,9 +21,10 @@ The first seed's baseline and ours are also scored at --curve points along Stage
 early-convergence claim); the reconstruction diagnostic (target loss given the true vs a shuffled
 anchor, on held-out pairs) is measured before and after each Stage I.
 
-Every finished unit is recorded in --results (experiments/results/compare.json) at once, and a
-re-run skips it, so the experiment can be stopped and continued; --report prints the tables and
-draws the plot beside it. The runs themselves (checkpoints, training logs) go to --out.
+Every finished unit is recorded in --results (experiments/results/compare.json) at once, each
+training run with the train.py flags it ran with, and a re-run skips it, so the experiment can be
+stopped and continued, in parts with different flags; --report prints the tables, which runs had
+which flags, and draws the plot beside it. The runs themselves (checkpoints, training logs) go to --out.
 """
 
 import argparse
@@ -128,7 +129,7 @@ def main():
     results = json.load(open(path)) if os.path.isfile(path) else {}
     if args.report:
         return report(results, path)
-    results["settings"] = dict(recon=args.recon, contrastive=args.contrastive, split=args.split)
+    results["settings"] = dict(split=args.split)  # the flags go with each run: "<arm>/s<seed>/<stage>.flags"
 
     def save():
         try:  # a new file, then an atomic rename: a fault leaves the previous results whole
@@ -162,9 +163,13 @@ def main():
             results.pop(f"{arm}/s{seed}/recon", None)
             if os.path.exists(os.path.join(d, "train.log")):
                 os.remove(os.path.join(d, "train.log"))
-        unit(f"{arm}/s{seed}/recon", lambda: run(["train.py", "--stage", "recon", "--model", base, "--seed", str(seed),
-             "--out", d, "--overwrite", *ABLATIONS.get(arm, []), *shlex.split(args.recon)], os.path.join(d, "train.log"))
-             and os.path.relpath(d, args.out))
+        def train():
+            flags = [*ABLATIONS.get(arm, []), *shlex.split(args.recon)]
+            results[f"{arm}/s{seed}/recon.flags"] = shlex.join(flags)  # this run's own, whatever a later run passes
+            run(["train.py", "--stage", "recon", "--model", base, "--seed", str(seed), "--out", d, "--overwrite",
+                 *flags], os.path.join(d, "train.log"))
+            return os.path.relpath(d, args.out)
+        unit(f"{arm}/s{seed}/recon", train)
         latest = os.path.join(d, "latest")
         unit(f"{arm}/s{seed}/recon/diagnostic-{split}", lambda: diagnostic(latest, split))
         return latest
@@ -189,6 +194,7 @@ def main():
                     start = base if arm == "baseline" else stage1(arm, seed)
                     if os.path.exists(os.path.join(d, "train.log")):
                         os.remove(os.path.join(d, "train.log"))
+                    results[f"{arm}/s{seed}/contrastive.flags"] = shlex.join(flags)
                     run(["train.py", "--stage", "contrastive", "--model", start, "--seed", str(seed), "--out", d,
                          "--overwrite", "--log-every", "1", "--stop-after", str(p), *flags], os.path.join(d, "train.log"))
                 elif at < p:
@@ -274,6 +280,14 @@ def report(results, path):
         if len(pts) > 1:
             print(f"\ncurve {arm} s{seed}: " + ", ".join(
                 f"@{p} " + "/".join(f"{v[t]['ndcg_at_10']:.3f}" for t in TASKS) for p, v in pts))
+    for stage in ("recon", "contrastive"):  # which runs had which train.py flags (beyond seed and paths)
+        runs = {}
+        for k, v in sorted(results.items()):
+            m = re.fullmatch(rf"([\w-]+)/s(\d+)/{stage}\.flags", k)
+            if m:
+                runs.setdefault(v, []).append(f"{m[1]} s{m[2]}")
+        for v, who in runs.items():
+            print(f"{stage} flags {v or '(the defaults)'}: " + ", ".join(who))
     for k, v in sorted(results.items()):
         if k.endswith("/losses") and v:
             print(f"{k}: {loss_summary(v)}")

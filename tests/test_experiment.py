@@ -30,7 +30,7 @@ def experiment(model, out):
 def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     out = tmp_path / "exp"
     stdout, results = experiment(tiny_model_dir, out)
-    scores = {k: v for k, v in results.items() if not k.endswith(".seconds")}
+    scores = {k: v for k, v in results.items() if not k.endswith((".seconds", ".flags"))}
     arms = ("baseline", "ours", "control")  # the default arms; only the first seed's first two draw the curve
     evals = ["base/validation"] + [f"{arm}/s0/contrastive@{p}-validation" for arm in arms[:2] for p in (0, 1, 2)] \
         + ["control/s0/contrastive@2-validation"] + [f"{arm}/s1/contrastive@2-validation" for arm in arms]
@@ -52,6 +52,14 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     with open(os.path.join(out, "ours-s1", "recon", "latest", "meta.json")) as f:
         meta = json.load(f)
     assert meta["step"] == 2 and meta["args"]["lr"] == 3e-5 and meta["args"]["seed"] == 1
+    # each training run records its own flags; the settings hold only the split
+    recon = "--steps 2 --batch-size 2 --lr 3e-5 --dtype float32"
+    contrastive = "--steps 2 --batch-size 2 --dtype float32"
+    flags = {k: v for k, v in results.items() if k.endswith(".flags")}
+    assert flags == {**{f"ours/s{s}/recon.flags": recon for s in (0, 1)},
+                     **{f"control/s{s}/recon.flags": "--shuffle-anchors " + recon for s in (0, 1)},
+                     **{f"{arm}/s{s}/contrastive.flags": contrastive for arm in arms for s in (0, 1)}}
+    assert results["settings"] == {"split": "validation"}
 
     # the report: both arms' mean with its interval, and the paired difference seed by seed
     lines = stdout.splitlines()
@@ -66,6 +74,7 @@ def test_experiment_records_resumes_and_reports(tiny_model_dir, tmp_path):
     diff = [scores[f"ours/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"]
             - scores[f"control/s{s}/contrastive@2-validation"]["WordNetSenseRetrieval"]["ndcg_at_10"] for s in (0, 1)]
     assert row.split("|")[2].strip().startswith(f"{sum(diff) / 2:.3f}") and row.rstrip().endswith("| 2 |")
+    assert f"recon flags --shuffle-anchors {recon}: control s0, control s1" in lines
 
     # nothing left to do: a second run trains nothing
     again, results2 = experiment(tiny_model_dir, out)
