@@ -64,18 +64,19 @@ def main():
     import matplotlib.pyplot as plt
 
     datasets = sorted({d for curves in runs.values() for d in curves}, reverse=True)
-    groups = list(dict.fromkeys(name.split(", seed")[0] for name in runs))  # a colour each
+    group = {name: name.split(", seed")[0] for name in runs}
+    colour = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(group.values()))}  # one a group
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets) + 3, 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         for name, curves in runs.items():
-            group = name.split(", seed")[0]
-            colour = f"C{groups.index(group)}"
             points = curves.get(dataset, [])
             n = [p[0] for p in points]
             for k, (task, style) in enumerate((("EBD2Q", "-o"), ("EBQ2D", "--x"))):
                 gap = [p[1 + k] for p in points]
-                ax.plot(n, [g[0] for g in gap], style, color=colour, ms=4, label=f"{group} {task}")
-                ax.fill_between(n, [g[1] for g in gap], [g[2] for g in gap], color=colour, alpha=0.15)
+                ax.plot(n, [g[0] for g in gap], style, color=colour[group[name]], ms=4,
+                        label=f"{group[name]} {task}")
+                ax.fill_between(n, [g[1] for g in gap], [g[2] for g in gap],
+                                color=colour[group[name]], alpha=0.15)
         ax.axhline(0, color="grey", lw=0.5)
         ax.axhline(0.3, color="grey", lw=0.5, ls=":")
         ax.set(title=f"{dataset}: held-out gap (nats/token)", xlabel="pairs seen (all datasets)",
