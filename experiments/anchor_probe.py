@@ -11,7 +11,10 @@ What a checkpoint's [EOS] anchors hold, on held-out validation pairs of each bun
   instruction, text, EOS) in place of its one vector, against another pair's text. The ceiling
   of what any anchor can tell this decoder: a gap the text itself does not reach is out of reach.
 
-  python experiments/anchor_probe.py CHECKPOINT [CHECKPOINT ...] [--pairs 64]
+  python experiments/anchor_probe.py CHECKPOINT [CHECKPOINT ...] [--pairs 64] [--split train]
+
+--split train probes the first training pairs instead: what Stage I fitted. A gap or loss much
+better there than on held-out pairs is the decoder remembering its training texts, not reading.
 """
 
 import argparse
@@ -24,11 +27,13 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from bireco import Embedder, _decode, _stage1_inputs, checkpoint_decoding, stage1_sides, target_cross_entropy  # noqa: E402
-from data import INSTRUCTIONS, pad, split_pairs  # noqa: E402
+from data import INSTRUCTIONS, load_pairs, pad, split_pairs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("checkpoints", nargs="+")
-parser.add_argument("--pairs", type=int, default=64, help="validation pairs per dataset")
+parser.add_argument("--pairs", type=int, default=64, help="pairs per dataset")
+parser.add_argument("--split", choices=["validation", "train"], default="validation",
+                    help="held-out pairs, or the first --pairs training pairs of each dataset")
 parser.add_argument("--batch", type=int, default=16, help="pairs decoded together (anchors rolled within)")
 
 
@@ -113,8 +118,10 @@ SPANS = [(1, 1), (2, 2), (3, 3), (4, 8), (9, 16), (17, 32), (33, 64)]
 
 def main():
     args = parser.parse_args()
-    pairs = {ds: split_pairs(os.path.join(ROOT, ds, "validation"), INSTRUCTIONS[ds], args.pairs)
-             for ds in ("wordnet", "manpages")}
+    folder = lambda ds: os.path.join(ROOT, ds, args.split)
+    pairs = {ds: split_pairs(folder(ds), INSTRUCTIONS[ds], args.pairs) if args.split == "validation"
+             else load_pairs(folder(ds))[ds][:args.pairs] for ds in ("wordnet", "manpages")}
+    print(f"{args.split} pairs: " + ", ".join(f"{ds} {len(p)}" for ds, p in pairs.items()))
     for path in args.checkpoints:
         print(f"== {path}", flush=True)
         probe(path, pairs, args.batch)
