@@ -13,12 +13,14 @@ What a checkpoint's [EOS] anchors hold, on held-out validation pairs of each bun
 
   python experiments/anchor_probe.py CHECKPOINT [CHECKPOINT ...] [--pairs 64] [--split train]
 
---split train probes the first training pairs instead: what Stage I fitted. A gap or loss much
+--split train probes training pairs instead (a seeded sample: the files list related pairs
+together, and a neighbour's anchor would tell too much): what Stage I fitted. A gap or loss much
 better there than on held-out pairs is the decoder remembering its training texts, not reading.
 """
 
 import argparse
 import os
+import random
 import sys
 
 import torch
@@ -33,7 +35,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("checkpoints", nargs="+")
 parser.add_argument("--pairs", type=int, default=64, help="pairs per dataset")
 parser.add_argument("--split", choices=["validation", "train"], default="validation",
-                    help="held-out pairs, or the first --pairs training pairs of each dataset")
+                    help="held-out pairs, or a seeded sample of training pairs")
 parser.add_argument("--batch", type=int, default=16, help="pairs decoded together (anchors rolled within)")
 
 
@@ -116,11 +118,17 @@ POSITIONS = 64  # train.py's default --max-length
 SPANS = [(1, 1), (2, 2), (3, 3), (4, 8), (9, 16), (17, 32), (33, 64)]
 
 
+def sample(pairs, n):
+    """n of the pairs in a seeded random order (a training file keeps a word's senses, or a
+    section's pages, together)."""
+    return random.Random(0).sample(pairs, min(n, len(pairs)))
+
+
 def main():
     args = parser.parse_args()
     folder = lambda ds: os.path.join(ROOT, ds, args.split)
     pairs = {ds: split_pairs(folder(ds), INSTRUCTIONS[ds], args.pairs) if args.split == "validation"
-             else load_pairs(folder(ds))[ds][:args.pairs] for ds in ("wordnet", "manpages")}
+             else sample(load_pairs(folder(ds))[ds], args.pairs) for ds in ("wordnet", "manpages")}
     print(f"{args.split} pairs: " + ", ".join(f"{ds} {len(p)}" for ds, p in pairs.items()))
     for path in args.checkpoints:
         print(f"== {path}", flush=True)
