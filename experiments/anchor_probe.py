@@ -118,17 +118,23 @@ POSITIONS = 64  # train.py's default --max-length
 SPANS = [(1, 1), (2, 2), (3, 3), (4, 8), (9, 16), (17, 32), (33, 64)]
 
 
-def sample(pairs, n):
-    """n of the pairs in a seeded random order (a training file keeps a word's senses, or a
-    section's pages, together)."""
-    return random.Random(0).sample(pairs, min(n, len(pairs)))
+def probe_pairs(split, n):
+    """{dataset: n pairs}: the first of its held-out split, or a seeded sample of its training
+    pairs (a training file keeps a word's senses, or a section's pages, together)."""
+    out = {}
+    for ds in ("wordnet", "manpages"):
+        folder = os.path.join(ROOT, ds, split)
+        if split == "validation":
+            out[ds] = split_pairs(folder, INSTRUCTIONS[ds], n)
+        else:
+            pairs = load_pairs(folder)[ds]
+            out[ds] = random.Random(0).sample(pairs, min(n, len(pairs)))
+    return out
 
 
 def main():
     args = parser.parse_args()
-    folder = lambda ds: os.path.join(ROOT, ds, args.split)
-    pairs = {ds: split_pairs(folder(ds), INSTRUCTIONS[ds], args.pairs) if args.split == "validation"
-             else sample(load_pairs(folder(ds))[ds], args.pairs) for ds in ("wordnet", "manpages")}
+    pairs = probe_pairs(args.split, args.pairs)
     print(f"{args.split} pairs: " + ", ".join(f"{ds} {len(p)}" for ds, p in pairs.items()))
     for path in args.checkpoints:
         print(f"== {path}", flush=True)
