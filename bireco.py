@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Pair, TextFormat, pad
+from data import Pair, TextFormat, pad, written_side
 from model import Transformer, load_model, load_tokenizer
 
 
@@ -205,98 +205,125 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
 @dataclass(frozen=True)
 class Decoding:
     """How Stage I's decoder pass reads the anchor: the paper's input, the one train.py uses by
-    default, and a control (what each did on held-out pairs, and the options that did nothing on
-    their own and left, with the commit where they lived: experiments/README.md).
+    default, an earlier default and a control (what each did on held-out pairs, and the options
+    that did nothing on their own and left, with the commit where they lived: experiments/README.md).
     - Decoding() (PAPER, --anchor-input paper): the [EOS] vector itself at position 0, then
       y_1 .. y_(n-1).
-    - sink_id + centre (--anchor-input centred, the default): the template's first token at
-      position 0, then the anchor minus the batch's mean anchor, scaled to the token embeddings'
-      mean norm, at position 1. Position 0 is where a pretrained LM parks attention whatever the
-      content (the attention sink): a vector there is not read. Final-norm states share one large
-      direction (cosine ~0.92 between documents' anchors in SmolLM2, norm ~46 against ~3 for token
-      embeddings); left in, the gradient through the anchors moves them all together towards one
-      generic prompt for the decoder. Centred, the anchors' gradients sum to zero over the batch:
-      only what one pair's anchor tells the decoder more than the others' is trained. The
-      untrained model reads a token-scale vector at position 1 at once, not at position 0
-      (experiments/oracle_anchors.py); neither part opens the gap alone. Diagnostics centre over
-      their batch too.
+    - sink_id + centre (--anchor-input centred, the default until December 2026): the template's
+      first token at position 0, then the anchor minus the batch's mean anchor, scaled to the
+      token embeddings' mean norm, at position 1. Position 0 is where a pretrained LM parks
+      attention whatever the content (the attention sink): a vector there is not read. Final-norm
+      states share one large direction (cosine ~0.92 between documents' anchors in SmolLM2, norm
+      ~46 against ~3 for token embeddings); left in, the gradient through the anchors moves them
+      all together towards one generic prompt for the decoder. Centred, the anchors' gradients sum
+      to zero over the batch: only what one pair's anchor tells the decoder more than the others'
+      is trained. The untrained model reads a token-scale vector at position 1 at once, not at
+      position 0 (experiments/oracle_anchors.py); neither part opens the gap alone. But a batch
+      is one dataset and one task, so its mean holds what says "query" or "document" and which
+      dataset: centred, the decoder read the pair's content and wrote it in the form it trained
+      on most (a query's "lemma: sentence" for a gloss, a man page for a WordNet word).
+    - + cell + turn (--anchor-input sided, the default): the decoder is also told what it writes.
+      cell: the batch's mean anchor, detached and at token scale, at its own position before the
+      centred anchor: it names the batch's side and dataset and carries nothing of one pair (a
+      shuffled anchor keeps it), and no gradient goes through it, so the shared direction is not
+      trained. turn: after the anchor, the opening of the chat turn the written side would be
+      (a query is the user's turn, a document the assistant's): real tokens the pretrained model
+      knows, which also put the first target one real token after the anchor.
     - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
       anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
-      with nothing to reconstruct from."""
+      with nothing to reconstruct from. Diagnostics centre over their batch too."""
     sink_id: int | None = None
     centre: bool = False
+    cell: bool = False
+    turn: bool = False
     shuffle: bool = False
     batch_mean: Callable | None = None  # under torchrun: the global batch's (hardware.global_mean)
+
+    def _mean(self, anchor):
+        return anchor.mean(0, keepdim=True) if self.batch_mean is None else self.batch_mean(anchor)
 
     def read(self, anchor, W):
         """What the decoder reads of anchors (B, D), given the token embeddings W (V, D)."""
         if not self.centre:
             return anchor
-        a = anchor - (anchor.mean(0, keepdim=True) if self.batch_mean is None else self.batch_mean(anchor))
-        scale = W.detach().float().norm(dim=-1).mean()  # ~3 in SmolLM2
-        return a * (scale / a.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(a.dtype)
+        return token_scale(anchor - self._mean(anchor), W)
+
+    def prefix(self, anchor, W, prompt=(), roll: int = 0):
+        """The decoder's input before the targets, (B, P, D): [sink,] [the batch's mean,] the
+        anchor read (rolled by `roll` rows: another pair's), [the prompt tokens]."""
+        B = len(anchor)
+        parts = [self.read(anchor, W).roll(roll, dims=0)[:, None].to(W.dtype)]
+        if self.cell:
+            mean = token_scale(self._mean(anchor.detach()), W)
+            parts.insert(0, mean.to(W.dtype).expand(B, 1, -1))
+        if self.sink_id is not None:
+            parts.insert(0, W[self.sink_id].expand(B, 1, -1))
+        if len(prompt):
+            parts.append(W[torch.tensor(prompt, device=W.device)].expand(B, -1, -1))
+        return torch.cat(parts, dim=1)
+
+    def prompt(self, fmt: TextFormat, task: str) -> list[int]:
+        """The tokens after the anchor for `task`: the opening of the written side's chat turn
+        (EBD2Q writes the query, a user's turn; EBQ2D the document, the assistant's), or none."""
+        return fmt.turn_ids("assistant" if task == "q2d" else "user") if self.turn else []
 
     @classmethod
     def from_flags(cls, flags: dict, fmt: TextFormat) -> "Decoding":
-        """From train.py's flags (vars(args), or a checkpoint's meta.json "args"). "centred": the
-        sink is the first token of the embedding template (<|im_start|>, <|begin_of_text|>), what
-        position 0 holds when a text is embedded. A run saved before --anchor-input had the flags
-        --sink and --centre-anchors instead; a run without any of them decoded as the paper."""
-        centred = flags.get("anchor_input") == "centred"
+        """From train.py's flags (vars(args), or a checkpoint's meta.json "args"). The sink is the
+        first token of the embedding template (<|im_start|>, <|begin_of_text|>), what position 0
+        holds when a text is embedded. A run saved before --anchor-input had the flags --sink and
+        --centre-anchors instead; a run without any of them decoded as the paper."""
+        sided = flags.get("anchor_input") == "sided"
+        centred = sided or flags.get("anchor_input") == "centred"
         sink, centre = centred or flags.get("sink"), centred or flags.get("centre_anchors")
-        return cls(fmt.head[0] if sink and fmt.head else None, bool(centre),
+        return cls(fmt.head[0] if sink and fmt.head else None, bool(centre), sided, sided,
                    bool(flags.get("shuffle_anchors")))
 
     def at_inference(self) -> "Decoding":
-        """What shapes what a trained decoder reads (sink, centring); the shuffled control off."""
-        return Decoding(sink_id=self.sink_id, centre=self.centre)
+        """What shapes what a trained decoder reads (sink, centring, cell, turn); no shuffling."""
+        return replace(self, shuffle=False, batch_mean=None)
 
 
 PAPER = Decoding()
 
 
+def token_scale(v, W):
+    """Vectors v (B, D) rescaled to the token embeddings' mean norm (~3 in SmolLM2)."""
+    scale = W.detach().float().norm(dim=-1).mean()
+    return v * (scale / v.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)).to(v.dtype)
+
+
 def checkpoint_decoding(path: str, fmt: TextFormat) -> Decoding:
-    """How the decoder of a train.py Stage I checkpoint reads anchors (its meta.json's --sink and
-    --centre-anchors), so diagnostics decode as it trained; the paper's for any other folder."""
+    """How the decoder of a train.py Stage I checkpoint reads anchors (its meta.json's
+    --anchor-input), so diagnostics decode as it trained; the paper's for any other folder."""
     meta = os.path.join(path, "meta.json")
     args = json.load(open(meta)).get("args", {}) if os.path.isfile(meta) else {}
     return Decoding.from_flags(args, fmt).at_inference() if args.get("stage") == "recon" else PAPER
 
 
-def _decoder_input(anchor, tokens, sink=None):
-    """anchor (B, D), tokens (B, m, D), sink (D,) or None -> [sink,] anchor, tokens:
-    (B, P + m, D)."""
-    x = torch.cat([anchor[:, None, :].to(tokens.dtype), tokens], dim=1)
-    if sink is None:
-        return x
-    return torch.cat([sink.to(x.dtype).expand(len(x), 1, -1), x], dim=1)
-
-
-def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER):
+def _decode(model: Transformer, anchor, targets, mask, how: Decoding = PAPER, prompt=()):
     """The decoder pass of Stage I: final states at the target positions and their targets,
-    (N, D) and (N,). Input is [anchor, y_1 .. y_(n-1)] at positions 0..n-1 (1..n after a sink);
-    the anchor's position predicts y_1, y_k's predicts y_(k+1). `how`: see Decoding."""
+    (N, D) and (N,). Input is the prefix (Decoding.prefix: at least the anchor), then
+    y_1 .. y_(n-1); the prefix's last position predicts y_1, y_k's predicts y_(k+1)."""
     device = model.lm_head.weight.device
     targets, mask = targets.to(device), mask.to(device)
     W = model.model.embed_tokens.weight
     tok = F.embedding(targets[:, :-1], W)  # (B, n-1, D)
-    if how.shuffle:
-        anchor = anchor.roll(1, dims=0)
-    anchor = how.read(anchor, W)
-    sink = None if how.sink_id is None else W[how.sink_id]
-    x = _decoder_input(anchor, tok, sink)  # (B, P + n-1, D)
-    P = x.shape[1] - mask.shape[1]  # 0, or 1 for the sink
-    padding = torch.cat([mask.new_ones(len(mask), P), mask], dim=1)
-    h = model(inputs_embeds=x, padding_mask=padding)[:, P:]  # the anchor's and the tokens' positions
+    prefix = how.prefix(anchor, W, prompt, roll=1 if how.shuffle else 0)  # (B, P, D)
+    x = torch.cat([prefix.to(tok.dtype), tok], dim=1)  # (B, P + n-1, D)
+    P = prefix.shape[1]
+    padding = torch.cat([mask.new_ones(len(mask), P - 1), mask], dim=1)
+    h = model(inputs_embeds=x, padding_mask=padding)[:, P - 1:]  # the positions that predict
     return h[mask], targets[mask]
 
 
 def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | None = None,
-                        how: Decoding = PAPER, tokens: int | None = None):
+                        how: Decoding = PAPER, tokens: int | None = None, prompt=()):
     """Mean token cross-entropy of regenerating `targets` from `anchor` (paper, Stage I).
     anchor (B, D): E(one side). targets (B, n) right-padded token ids of the other side,
-    mask (B, n). tokens: what the summed cross-entropy is divided by (default: mask's count)."""
-    h, y = _decode(model, anchor, targets, mask, how)
+    mask (B, n). tokens: what the summed cross-entropy is divided by (default: mask's count).
+    prompt: token ids after the anchor (Decoding.prompt)."""
+    h, y = _decode(model, anchor, targets, mask, how, prompt)
     return target_cross_entropy(model, h, y, chunk=chunk)[0] / (tokens or len(y))
 
 
@@ -307,13 +334,23 @@ def reconstruction_loss(model: Transformer, anchor, targets, mask, chunk: int | 
 
 
 def stage1_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-                chunk: int | None = None, how: Decoding = PAPER, total=int):
+                chunk: int | None = None, how: Decoding = PAPER, total=int, gap: bool = False):
     """One Stage I task on a batch of pairs. "q2d" (EBQ2D): E(instruction, query) regenerates the
     positive; "d2q" (EBD2Q): E(positive) regenerates the query text (without its instruction).
-    Returns (loss, tokens): the loss a mean over tokens = total(this batch's target tokens)."""
+    Returns (loss, tokens): the loss a mean over tokens = total(this batch's target tokens).
+    gap: also this batch's gap before its update, as (loss, tokens, gap): the loss given another
+    pair's anchor minus given its own (one more decoder pass, without autograd; this process's
+    rows only)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
-    tokens = int(total(int(mask.sum())))
-    return reconstruction_loss(model, anchor, targets, mask, chunk, how, tokens), tokens
+    tokens, prompt = int(total(int(mask.sum()))), how.prompt(fmt, task)
+    loss = reconstruction_loss(model, anchor, targets, mask, chunk, how, tokens, prompt)
+    if not gap:
+        return loss, tokens
+    with torch.no_grad():  # the control trains on another pair's anchor: then the other is its own
+        other = reconstruction_loss(model, anchor.detach(), targets, mask, chunk,
+                                    replace(how, shuffle=not how.shuffle), prompt=prompt).item()
+    own_loss = loss.item() * tokens / int(mask.sum())  # this process's mean
+    return loss, tokens, (other - own_loss if not how.shuffle else own_loss - other)
 
 
 def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
@@ -325,7 +362,8 @@ def stage1_sum_loss(model: Transformer, fmt: TextFormat, pairs: list[Pair],
     target count, so one lm_head gradient (V x D) is held until backward, not one per task.
     Returns (loss, {task: (its loss value, tokens)}), each task's a mean over its tokens =
     total(its target tokens in this batch)."""
-    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), how) for task in weights]
+    parts = [_decode(model, *_stage1_inputs(model, fmt, pairs, task), how, how.prompt(fmt, task))
+             for task in weights]
     h, y = torch.cat([h for h, _ in parts]), torch.cat([y for _, y in parts])
     sizes = [len(y) for _, y in parts]
     counts = [int(total(n)) for n in sizes]
@@ -463,8 +501,9 @@ def reconstruction_gap(model: Transformer, fmt: TextFormat, pairs: list[Pair], t
     how: decode as a model trained with these options reads its anchors (Decoding.at_inference)."""
     anchor, targets, mask = _stage1_inputs(model, fmt, pairs, task)
     how = how.at_inference()
-    true = reconstruction_loss(model, anchor, targets, mask, how=how).item()
-    shuffled = reconstruction_loss(model, anchor.roll(1, dims=0), targets, mask, how=how).item()
+    loss = lambda a: reconstruction_loss(model, a, targets, mask, how=how,  # noqa: E731
+                                         prompt=how.prompt(fmt, task)).item()
+    true, shuffled = loss(anchor), loss(anchor.roll(1, dims=0))
     return true, shuffled
 
 
@@ -491,7 +530,8 @@ def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: 
     sums, each, n = dict.fromkeys(set(kinds) - {"shuffled"}, 0.0), [0.0] * shufflings, 0
     for i in range(0, len(pairs), batch):
         anchor, targets, mask = _stage1_inputs(model, fmt, pairs[i:i + batch], task)
-        loss = lambda a: reconstruction_loss(model, a, targets, mask, how=how).item()  # noqa: E731
+        loss = lambda a: reconstruction_loss(model, a, targets, mask, how=how,  # noqa: E731
+                                             prompt=how.prompt(fmt, task)).item()
         if "true" in sums:
             sums["true"] += loss(anchor)
         if "shuffled" in kinds:  # roll k of a batch of b is another pair's anchor for 0 < k < b
@@ -508,18 +548,11 @@ def anchor_losses(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: 
 
 
 @torch.no_grad()
-def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
-                how: Decoding = PAPER) -> list[list[int]]:
-    """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
-    them (how.at_inference()): [the sink,] the anchor, then the tokens chosen so far. One full
-    forward pass per new token (no cache: short outputs, readable code). Each row ends at
-    `stop_id` (not returned) or after `max_new` tokens."""
-    W = model.model.embed_tokens.weight
-    no_tokens = W.new_zeros(len(anchor), 0, W.shape[1])
-    how = how.at_inference()
-    anchor = how.read(anchor.to(W.device), W)
-    sink = None if how.sink_id is None else W[how.sink_id]
-    x = _decoder_input(anchor, no_tokens, sink)  # (B, P, D)
+def generate(model: Transformer, prefix, stop_id: int, max_new: int = 48) -> list[list[int]]:
+    """Greedy decoding after input embeddings prefix (B, P, D): one full forward pass per new
+    token (no cache: short outputs, readable code). Each row ends at `stop_id` (not returned) or
+    after `max_new` tokens."""
+    x, E = prefix, model.model.embed_tokens
     out, done = [[] for _ in range(len(x))], [False] * len(x)
     for _ in range(max_new):
         h = model(inputs_embeds=x)[:, -1]  # (B, D): the state that predicts the next token
@@ -530,7 +563,28 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
                 out[i].append(t)
         if all(done):
             break
-        x = torch.cat([x, model.model.embed_tokens(nxt)[:, None, :].to(x.dtype)], dim=1)
+        x = torch.cat([x, E(nxt)[:, None, :].to(x.dtype)], dim=1)
+    return out
+
+
+def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
+                how: Decoding = PAPER, prompt=()) -> list[list[int]]:
+    """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
+    them (how.at_inference(): Decoding.prefix, then the tokens chosen so far)."""
+    W = model.model.embed_tokens.weight
+    return generate(model, how.at_inference().prefix(anchor.to(W.device), W, prompt), stop_id, max_new)
+
+
+@torch.no_grad()
+def regenerate(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
+               how: Decoding = PAPER, tokens: int = 12, batch: int = 16) -> list[str]:
+    """Each pair's other side regenerated greedily (at most `tokens` tokens) from its own anchor,
+    the anchors read `batch` at a time as in training: the texts a form check reads."""
+    how, W, out = how.at_inference(), model.model.embed_tokens.weight, []
+    for i in range(0, len(pairs), batch):
+        sources, _ = stage1_sides(pairs[i:i + batch], task)
+        prefix = how.prefix(embed_texts(model, fmt, sources), W, how.prompt(fmt, task))
+        out += [fmt.tok.decode(ids) for ids in generate(model, prefix, fmt.eos_id, tokens)]
     return out
 
 
@@ -542,7 +596,7 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
     (default all) its query and document, each regenerated greedily from the other side's vector
     (EBQ2D, EBD2Q) and from the next pair's vector ("shuffled"), each as long as its truth, at most
     `tokens` tokens (decoding without a cache costs the square of the length). Every pair is
-    embedded: anchors are read (Decoding.read: centred) over all of them, as a training batch."""
+    embedded: anchors are read (Decoding.prefix: centred) over all of them, as a training batch."""
 
     def clip(text):  # one line, at most `width` characters
         text = " ".join(text.split())
@@ -550,14 +604,13 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
 
     how, W = how.at_inference(), model.model.embed_tokens.weight
     n, rows = show or len(pairs), {}
-    sides = (("q2d", [(p.instruction, p.query) for p in pairs], [p.positive for p in pairs]),
-             ("d2q", [(None, p.positive) for p in pairs], [p.query for p in pairs]))
-    for task, sources, truths in sides:
+    for task in ("q2d", "d2q"):
+        sources, truths = stage1_sides(pairs, task)
         lengths = [min(tokens, len(fmt.target_ids(t))) for t in truths[:n]]
-        anchor = how.read(embed_texts(model, fmt, sources), W)
-        both = torch.cat([anchor[:n], anchor.roll(-1, dims=0)[:n]])  # own, then the next pair's
-        out = reconstruct(model, both, fmt.eos_id, max(lengths),
-                          replace(how, centre=False))  # read already
+        anchor, prompt = embed_texts(model, fmt, sources), how.prompt(fmt, task)
+        both = torch.cat([how.prefix(anchor, W, prompt)[:n],  # own, then the next pair's
+                          how.prefix(anchor, W, prompt, roll=-1)[:n]])
+        out = generate(model, both, fmt.eos_id, max(lengths))
         rows[task] = [fmt.tok.decode(ids[:lengths[i % n]]) for i, ids in enumerate(out)]
     lines = []
     for i, p in enumerate(pairs[:n]):
@@ -569,12 +622,13 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
 
 def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]],
                    how: Decoding = PAPER, show: int = 1, what: str = "held-out pairs",
-                   at: str = "", shufflings: int = 3) -> list[str]:
+                   at: str = "", shufflings: int = 3, forms: bool = True) -> list[str]:
     """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
     its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
     the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
     anchor's target loss minus the own one's (the mean over `shufflings` and their range), and
-    the batch-mean anchor's. `at`: " at step 50".
+    the batch-mean anchor's; with `forms`, the share written in the right side's form (form_line).
+    `at`: " at step 50".
     Runs in eval mode and leaves the model's mode and fmt's count of cut texts as they were."""
     training, counted = model.training, fmt.truncated  # a training run counts its own texts
     model.eval()
@@ -594,6 +648,20 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
         lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
                   f"another pair's anchor minus given its own, [lowest, highest] over "
                   f"{shufflings} shufflings):", "  " + " | ".join(cells)]
+        if forms and written_side(name, "") is not None:
+            lines.append(form_line(model, fmt, name, pairs, how, what, at))
     model.train(training)
     fmt.truncated = counted
     return lines
+
+
+def form_line(model: Transformer, fmt: TextFormat, name: str, pairs: list[Pair],
+              how: Decoding = PAPER, what: str = "held-out pairs", at: str = "") -> str:
+    """The share of `pairs` whose greedy regeneration (12 tokens, regenerate) has the form of the
+    side it should be (data.written_side): a document from the query's vector (EBQ2D), a query
+    from the document's (EBD2Q)."""
+    share = {task: np.mean([written_side(name, t) == want
+                            for t in regenerate(model, fmt, pairs, task, how)])
+             for task, want in (("q2d", "document"), ("d2q", "query"))}
+    return (f"{what} form{at}, {name}: {share['q2d']:.0%} of {len(pairs)} EBQ2D regenerations read "
+            f"as documents, {share['d2q']:.0%} of EBD2Q ones as queries")
