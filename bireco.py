@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import Pair, TextFormat, pad, written_side
+from data import SIDE_FORMS, Pair, TextFormat, pad, written_side
 from model import Transformer, load_model, load_tokenizer
 
 
@@ -577,7 +577,7 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
 
 @torch.no_grad()
 def regenerate(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-               how: Decoding = PAPER, tokens: int = 12, batch: int = 16) -> list[str]:
+               how: Decoding = PAPER, tokens: int = 8, batch: int = 16) -> list[str]:
     """Each pair's other side regenerated greedily (at most `tokens` tokens) from its own anchor,
     the anchors read `batch` at a time as in training: the texts a form check reads."""
     how, W, out = how.at_inference(), model.model.embed_tokens.weight, []
@@ -648,7 +648,7 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
         lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
                   f"another pair's anchor minus given its own, [lowest, highest] over "
                   f"{shufflings} shufflings):", "  " + " | ".join(cells)]
-        if forms and written_side(name, "") is not None:
+        if forms and name in SIDE_FORMS:
             lines.append(form_line(model, fmt, name, pairs, how, what, at))
     model.train(training)
     fmt.truncated = counted
@@ -657,7 +657,7 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
 
 def form_line(model: Transformer, fmt: TextFormat, name: str, pairs: list[Pair],
               how: Decoding = PAPER, what: str = "held-out pairs", at: str = "") -> str:
-    """The share of `pairs` whose greedy regeneration (12 tokens, regenerate) has the form of the
+    """The share of `pairs` whose greedy regeneration (its first 8 tokens, regenerate) has the form of the
     side it should be (data.written_side): a document from the query's vector (EBQ2D), a query
     from the document's (EBD2Q)."""
     share = {task: np.mean([written_side(name, t) == want

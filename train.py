@@ -203,14 +203,14 @@ def lr_at(step, args):
     return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
-def micro_step(model, fmt, batch, micro, args, ctx):
+def micro_step(model, fmt, name, batch, micro, args, ctx):
     """One batch of either stage (this process's slice of it), back-propagated at 1 / --grad-accum.
     Returns ({name: loss}, Stage II's negatives per query or None). Under torchrun each Stage I
     loss is a mean over the global batch's target tokens of its task, to which each process adds
     its own tokens' share (bireco's `total`); the logged values are the global means. Interleaved
-    Stage I also logs the batch's gap before its update ("gap d2q": bireco.stage1_loss), the mean
-    over the processes: on WordNet's pairs, each seen once in a run, it is a held-out estimate; the
-    man pages' 351 pairs repeat, so theirs is not."""
+    Stage I also logs the gap of the batch (of dataset `name`) before its update ("gap wordnet
+    d2q": bireco.stage1_loss), the mean over the processes: on WordNet's pairs, each seen once in a
+    run, it is a held-out estimate; the man pages' 351 pairs repeat, so theirs is not."""
     mine = hardware.my_slice(batch)
     if args.stage == "contrastive":  # each process embeds its slice; InfoNCE over the whole batch
         gather = hardware.gather_batch if hardware.WORLD > 1 else None
@@ -225,7 +225,7 @@ def micro_step(model, fmt, batch, micro, args, ctx):
             task = stage1_task(micro, wd2q, wq2d)
             loss, _, gap = stage1_loss(model, fmt, mine, task, how=how, total=hardware.all_sum,
                                        gap=True)
-            logs = {task: loss.item(), f"gap {task}": gap / hardware.WORLD}
+            logs = {task: loss.item(), f"gap {name} {task}": gap / hardware.WORLD}
         else:  # sum, as the official code: both tasks on every batch
             weights = {t: w for t, w in (("d2q", wd2q), ("q2d", wq2d)) if w > 0}
             loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=how, total=hardware.all_sum)
@@ -237,7 +237,8 @@ def micro_step(model, fmt, batch, micro, args, ctx):
 def print_samples(model, fmt, sets, what, step, ctx, how):
     """Stage I's progress at a sample point: bireco.heldout_report, under autocast as training."""
     with ctx:
-        lines = heldout_report(model, fmt, sets, how, what=what, at=f" at step {step}")
+        lines = heldout_report(model, fmt, sets, how, what=what, at=f" at step {step}",
+                               shufflings=2)
     print(*lines, sep="\n", flush=True)
 
 
@@ -387,9 +388,9 @@ def main(argv=None):
             g["lr"] = lr
         try:
             for micro in range(args.grad_accum):  # micro-batches whose gradients add up
-                _, batch = next(batches)
-                logs, negatives = micro_step(model, fmt, batch, step * args.grad_accum + micro,
-                                             args, ctx)
+                name, batch = next(batches)
+                logs, negatives = micro_step(model, fmt, name, batch,
+                                             step * args.grad_accum + micro, args, ctx)
                 for k, v in logs.items():
                     window.setdefault(k, []).append(v)
                     if not math.isfinite(v):

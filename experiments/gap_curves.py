@@ -2,7 +2,8 @@
 The held-out gap against pairs seen, from Stage I logs: every "gap at step N" block that train.py
 prints (--sample-every, --gap-pairs), one line a run and task, one panel a dataset; where the log
 gives the gap's range over several shufflings (which other pair's anchor each row decodes from),
-a band around the line.
+a band around the line. Where the progress lines carry each batch's gap before its update ("gap
+wordnet d2q +0.412"), its mean over each line's batches is drawn thin beside it.
 
   python experiments/gap_curves.py default=out/recon/train.log paper=out/paper/train.log --out gap.png
 
@@ -23,11 +24,13 @@ parser.add_argument("--out", default=None, help="PNG to draw (needs matplotlib: 
 HEAD = re.compile(r"gap at step (\d+), (\w+) \((\d+) pairs")
 GAP = r"([+-]\d+\.\d+)(?: \[([+-]\d+\.\d+), ([+-]\d+\.\d+)\])? \((?:own|true)"
 CELLS = re.compile(rf"EBD2Q {GAP}.*?\| EBQ2D {GAP}")
+STEP = re.compile(r"^step (\d+)/\d+ \|.*$", re.M)
+BATCH_GAP = re.compile(r"gap (\w+) (d2q|q2d) ([+-]\d+\.\d+)")
 
 
 def read(log):
-    """{dataset: [(pairs seen, (d2q gap, low, high), (q2d gap, low, high))]}; low and high are the
-    gap itself where the log has no range."""
+    """({dataset: [(pairs seen, (d2q gap, low, high), (q2d gap, low, high))]}; low and high are the
+    gap itself where the log has no range; {(dataset, task): [(pairs seen, batches' gap)]})."""
     with open(log) as f:
         text = f.read()
     config = json.loads(re.search(r"^config: (.*)$", text, re.M).group(1))
@@ -42,7 +45,12 @@ def read(log):
                     for g, lo, hi in (v[:3], v[3:])]
         pairs = int(head.group(1)) * config["batch_size"]
         curves.setdefault(head.group(2), []).append((pairs, d2q, q2d))
-    return curves
+    running = {}
+    for m in STEP.finditer(text):
+        for dataset, task, gap in BATCH_GAP.findall(m.group(0)):
+            running.setdefault((dataset, task), []).append(
+                (int(m.group(1)) * config["batch_size"], float(gap)))
+    return curves, running
 
 
 def main():
@@ -52,7 +60,7 @@ def main():
         name, _, path = spec.rpartition("=")
         runs[name or os.path.splitext(os.path.basename(path))[0]] = read(path)
     print(f"{'run':<24} {'dataset':<9} pairs seen: EBD2Q gap / EBQ2D gap [range over shufflings]")
-    for name, curves in runs.items():
+    for name, (curves, _) in runs.items():
         for dataset, points in curves.items():
             print(f"{name:<24} {dataset:<9} " + "  ".join(
                 f"{n}: {a[0]:+.2f} [{a[1]:+.2f}, {a[2]:+.2f}] / {b[0]:+.2f} [{b[1]:+.2f}, {b[2]:+.2f}]"
@@ -63,15 +71,18 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = sorted({d for curves in runs.values() for d in curves}, reverse=True)
+    datasets = sorted({d for curves, _ in runs.values() for d in curves}, reverse=True)
     group = {name: name.split(", seed")[0] for name in runs}
     colour = {g: f"C{i}" for i, g in enumerate(dict.fromkeys(group.values()))}  # one a group
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets) + 3, 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for name, curves in runs.items():
+        for name, (curves, running) in runs.items():
             points = curves.get(dataset, [])
             n = [p[0] for p in points]
             for k, (task, style) in enumerate((("EBD2Q", "-o"), ("EBQ2D", "--x"))):
+                batches = running.get((dataset, ("d2q", "q2d")[k]), [])
+                ax.plot([b[0] for b in batches], [b[1] for b in batches], style[:-1],
+                        color=colour[group[name]], lw=0.6, alpha=0.5)
                 gap = [p[1 + k] for p in points]
                 ax.plot(n, [g[0] for g in gap], style, color=colour[group[name]], ms=4,
                         label=f"{group[name]} {task}")
