@@ -4,6 +4,7 @@ the Stage I task schedule."""
 import gzip
 import json
 import math
+import os
 
 import pytest
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
@@ -12,6 +13,8 @@ from tokenizers import models as tok_models
 import data
 from data import INSTRUCTIONS, Batches, DataError, Pair, TextFormat, load_pairs, stage1_task
 from model import load_tokenizer
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 INSTR = "Given a sentence, retrieve its definition"
 TEXT = "the team is a unit"
@@ -346,3 +349,18 @@ def test_bm25_by_hand(tmp_path):
         f.write(rows({"q0": "Cat?", "q1": "dogs"}))
     (tmp_path / "qrels.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td2\t1\nq1\td1\t1\n")
     assert data.bm25_ndcg10(str(tmp_path)) == pytest.approx((1 / math.log2(3) + 1) / 2)
+
+
+def test_written_side_reads_the_bundled_texts_form():
+    """data.written_side on the bundled training pairs: WordNet's "lemma: sentence" queries and
+    glosses nearly all by their form (the check is what says which side a Stage I decoder wrote),
+    the man pages' rougher (lower-case summary against a description naming its function)."""
+    from data import written_side
+
+    for name, at_least in (("wordnet", 0.999), ("manpages", 0.9)):
+        pairs = load_pairs(os.path.join(HERE, name, "train"))[name]
+        for side, texts in (("query", [p.query for p in pairs]), ("document", [p.positive for p in pairs])):
+            right = sum(written_side(name, t) == side for t in texts) / len(texts)
+            assert right >= at_least, (name, side, right)
+    assert written_side("wordnet", "The original sentence is:") is None  # neither side's form
+    assert written_side("elsewhere", "fold: fold it") is None

@@ -260,6 +260,21 @@ def random_model(model_type):
     return model
 
 
+def test_lora_output_is_the_base_plus_alpha_over_rank_times_b_a():
+    """W x + (alpha / r) B A x, worked by hand: rank 2, alpha 4 (scale 2), dropout off.
+    W = [[1, 0, 2], [0, 1, 0]], A = [[1, 0, 0], [0, 1, 1]], B = [[1, 0], [2, -1]], x = (1, 2, 3):
+    W x = (7, 2); A x = (1, 5); B A x = (1, -3); the output is (7 + 2, 2 - 6) = (9, -4)."""
+    base = torch.nn.Linear(3, 2, bias=False, dtype=torch.float64)
+    lora = train.LoRALinear(base, rank=2, alpha=4.0, dropout=0.0)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0, 2], [0, 1, 0]]))
+        lora.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 1]]))
+        lora.lora_B.copy_(torch.tensor([[1.0, 0], [2, -1]]))
+        x = torch.tensor([[1.0, 2, 3]], dtype=torch.float64)
+        assert lora.eval()(x).tolist() == [[9.0, -4.0]]
+        assert (x @ lora.merged_weight().T).tolist() == [[9.0, -4.0]]  # the saved weight agrees
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])  # tied embeddings; q/k/v biases
 def test_lora_starts_at_the_base_model_and_merges_on_save(model_type, tmp_path):
     model = random_model(model_type).double()  # fp64: merged == adapted to rounding on any CPU
@@ -411,8 +426,12 @@ def test_stage1_prints_the_held_out_gap(tiny_model_dir, tmp_path, capsys):
     fmt = TextFormat(tok, eos_ids, 64)
     pairs = split_pairs(os.path.join(ROOT, "manpages", "validation"), INSTRUCTIONS["manpages"], 4)
     how = bireco.checkpoint_decoding(str(tmp_path / "run" / "latest"), fmt)
-    assert how == bireco.Decoding(sink_id=fmt.head[0], centre=True)  # the default: centred, after a token
-    g = bireco.anchor_losses(model, fmt, pairs, "d2q", how=how, shufflings=3)
+    assert how == bireco.Decoding(sink_id=fmt.head[0], centre=True, cell=True, turn=True)  # the default: sided
+    g = bireco.anchor_losses(model, fmt, pairs, "d2q", how=how, shufflings=2)
     low, high = (f(g["each"]) - g["true"] for f in (min, max))
-    last = out.strip().splitlines()[-3]  # the manpages line at step 1, then "saved", "done"
+    lines = out.splitlines()
+    last = lines[lines.index(next(l for l in lines if "gap at step 1, manpages" in l)) + 1]
     assert f"EBD2Q {g['shuffled'] - g['true']:+.3f} [{low:+.3f}, {high:+.3f}] (own {g['true']:.3f}" in last
+    forms = re.findall(r"^held-out pairs form at step (\d+), (\w+): \d+% of 4 EBQ2D", out, re.M)
+    assert forms == heads  # the side each regeneration is written in, after each gap
+    assert re.search(r"^done: .* \(step 1/1\) in \d+\.\d min$", out, re.M)
