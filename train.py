@@ -54,11 +54,14 @@ STAGE_DEFAULTS = {
                         # at 2e-4 it passed 0.3 by 4,000 pairs on the seed where 1e-4 was late
         steps=250,      # paper 2,000: 4,000 pairs, a quarter of an hour on a 2-core CPU
         batch_size=16,  # paper 512-1,024: what a CPU step affords
+        mix="size",     # as the official code's loader: with the equal mix (every other batch a
+                        # man page) the gap was still zero after 4,000 pairs
         task_weights=[0.5, 0.5],  # paper 0.8 / 0.2 (EBD2Q / EBQ2D): the decoder learns to write
                         # a document from as many batches as a query
         max_length=64,  # paper 512: cuts 79% of man-page descriptions (median 91 tokens); 0.63x
         lora_rank=0),
     "contrastive": dict(
+        mix="equal",    # the official code's is size: here every other batch is a man page
         lr=2e-3,        # paper 2e-4 for ~1,000 steps; at 5e-4 the loss sat at chance 30 of 40 steps
         steps=40,       # paper: not stated (~1,000 at batch 1,024 is two thirds of an epoch)
         batch_size=32,  # paper 1,024 (63 candidates per query here, 2,047 there)
@@ -75,8 +78,9 @@ arg("--stage", choices=["recon", "contrastive"],
 arg("--model", help="HF checkpoint folder (Llama/Qwen2/Qwen3); default: SmolLM2-135M-Instruct")
 arg("--data", nargs="+", default=[os.path.join(HERE, d, "train") for d in ("wordnet", "manpages")],
     help="JSONL files {query, positive, negative}, one per source dataset, or folders of them")
-arg("--mix", choices=["equal", "size"], default="equal",
-    help="each dataset's batches as often as the largest one's, or in proportion to its size")
+arg("--mix", choices=["equal", "size"],
+    help="each dataset's batches as often as the largest one's, or in proportion to its size "
+    "(stage default)")
 arg("--out", help="run folder; default out/<stage>-<model>-<date-time>")
 arg("--resume", help="continue the run in this folder from its latest checkpoint")
 arg("--overwrite", action="store_true", help="allow --out to be a folder holding another run")
@@ -95,10 +99,9 @@ arg("--mode", choices=["interleave", "sum"], default="interleave",
     help="Stage I: one task per batch at the weights' ratio, or both on every batch")
 decoder = parser.add_argument_group("Stage I: how the decoder reads the anchor (bireco.Decoding)")
 decoder.add_argument("--anchor-input", choices=["sided", "centred", "paper"],
-                     help="sided: a real token, the batch's mean anchor, the anchor minus that mean, "
-                     "at the token embeddings' norm, then the written side's chat-turn opening; "
-                     "centred: the same without the mean and the turn opening; paper: the anchor "
-                     "itself at position 0 (stage default)")
+                     help="sided: a real token, the anchor minus the batch's mean at the token "
+                     "embeddings' norm, then the written side's chat-turn opening; centred: the same "
+                     "without the turn opening; paper: the anchor itself at position 0 (stage default)")
 decoder.add_argument("--shuffle-anchors", action="store_true",
                      help="a control: each target decodes from another pair's anchor")
 arg("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
@@ -208,8 +211,8 @@ def micro_step(model, fmt, name, batch, micro, args, ctx):
     Returns ({name: loss}, Stage II's negatives per query or None). Under torchrun each Stage I
     loss is a mean over the global batch's target tokens of its task, to which each process adds
     its own tokens' share (bireco's `total`); the logged values are the global means. Interleaved
-    Stage I also logs the gap of the batch (of dataset `name`) before its update ("gap wordnet
-    d2q": bireco.stage1_loss), the mean over the processes: on WordNet's pairs, each seen once in a
+    Stage I also logs the gap of the batch (of dataset `name`) before its update ("gap
+    wordnet/d2q": bireco.stage1_loss), the mean over the processes: on WordNet's pairs, each seen once in a
     run, it is a held-out estimate; the man pages' 351 pairs repeat, so theirs is not."""
     mine = hardware.my_slice(batch)
     if args.stage == "contrastive":  # each process embeds its slice; InfoNCE over the whole batch
@@ -225,7 +228,7 @@ def micro_step(model, fmt, name, batch, micro, args, ctx):
             task = stage1_task(micro, wd2q, wq2d)
             loss, _, gap = stage1_loss(model, fmt, mine, task, how=how, total=hardware.all_sum,
                                        gap=True)
-            logs = {task: loss.item(), f"gap {name} {task}": gap / hardware.WORLD}
+            logs = {task: loss.item(), f"gap {name}/{task}": gap / hardware.WORLD}
         else:  # sum, as the official code: both tasks on every batch
             weights = {t: w for t, w in (("d2q", wd2q), ("q2d", wq2d)) if w > 0}
             loss, logs = stage1_sum_loss(model, fmt, mine, weights, how=how, total=hardware.all_sum)
@@ -412,8 +415,9 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.steps:
             dt, tokens = time.time() - t0, window.pop("tokens")
-            losses = " ".join(f"{k} {np.mean(v):{'+.3f' if k.startswith('gap') else '.4f'}}"
-                              for k, v in window.items())
+            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items() if " " not in k)
+            gaps = " ".join(f"{k[4:]} {np.mean(v):+.3f}" for k, v in window.items() if " " in k)
+            losses += f" | batch gap {gaps}" if gaps else ""
             extra = f" | negatives/query {negatives}" if negatives is not None else ""
             eta = dt / (step - first) * (args.steps - step)
             print(f"step {step}/{args.steps} | {losses} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"

@@ -2,8 +2,8 @@
 The held-out gap against pairs seen, from Stage I logs: every "gap at step N" block that train.py
 prints (--sample-every, --gap-pairs), one line a run and task, one panel a dataset; where the log
 gives the gap's range over several shufflings (which other pair's anchor each row decodes from),
-a band around the line. Where the progress lines carry each batch's gap before its update ("gap
-wordnet d2q +0.412"), its mean over each line's batches is drawn thin beside it.
+a band around the line. Where the progress lines carry the training batches' gap before their update
+("batch gap wordnet/d2q +0.412"), its mean over each line's batches is drawn thin beside it.
 
   python experiments/gap_curves.py default=out/recon/train.log paper=out/paper/train.log --out gap.png
 
@@ -25,7 +25,7 @@ HEAD = re.compile(r"gap at step (\d+), (\w+) \((\d+) pairs")
 GAP = r"([+-]\d+\.\d+)(?: \[([+-]\d+\.\d+), ([+-]\d+\.\d+)\])? \((?:own|true)"
 CELLS = re.compile(rf"EBD2Q {GAP}.*?\| EBQ2D {GAP}")
 STEP = re.compile(r"^step (\d+)/\d+ \|.*$", re.M)
-BATCH_GAP = re.compile(r"gap (\w+) (d2q|q2d) ([+-]\d+\.\d+)")
+BATCH_GAP = re.compile(r"(\w+)/(d2q|q2d) ([+-]\d+\.\d+)")
 
 
 def read(log):
@@ -47,7 +47,8 @@ def read(log):
         curves.setdefault(head.group(2), []).append((pairs, d2q, q2d))
     running = {}
     for m in STEP.finditer(text):
-        for dataset, task, gap in BATCH_GAP.findall(m.group(0)):
+        gaps = m.group(0).partition("| batch gap ")[2].partition(" |")[0]
+        for dataset, task, gap in BATCH_GAP.findall(gaps):
             running.setdefault((dataset, task), []).append(
                 (int(m.group(1)) * config["batch_size"], float(gap)))
     return curves, running

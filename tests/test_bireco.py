@@ -487,16 +487,15 @@ def test_centred_anchors(model, fmt, rows):
 
 
 def test_sided_decoding_by_hand(model, fmt, rows):
-    """Decoding(sink, centre, cell, turn), train.py's default: each row decoded alone from
-    [W_emb[sink], the batch's mean anchor at token scale, the row's anchor minus that mean at token
-    scale, the written side's turn opening, y_1 .. y_(n-1)], its losses from the last prompt token
-    on. EBD2Q writes a query (the user's turn), EBQ2D a document (the assistant's). No gradient
-    goes through the mean: the anchors' gradients still sum to zero over the batch."""
+    """Decoding(sink, centre, turn), train.py's default: each row decoded alone from [W_emb[sink],
+    the row's anchor minus the batch's mean at token scale, the written side's turn opening,
+    y_1 .. y_(n-1)], its losses from the last prompt token on. EBD2Q writes a query (the user's
+    turn), EBQ2D a document (the assistant's). The anchors' gradients still sum to zero."""
     assert fmt.head, "the tiny tokenizer has a chat format"
     anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
     t, m = pad(tgt, fmt.pad_id)
     sink = fmt.head[0]
-    how = bireco.Decoding(sink_id=sink, centre=True, cell=True, turn=True)
+    how = bireco.Decoding(sink_id=sink, centre=True, turn=True)
     assert how == bireco.Decoding.from_flags({"anchor_input": "sided"}, fmt)
     user, assistant = fmt.turn_ids("user"), fmt.turn_ids("assistant")
     assert how.prompt(fmt, "d2q") == user and how.prompt(fmt, "q2d") == assistant != user
@@ -504,12 +503,12 @@ def test_sided_decoding_by_hand(model, fmt, rows):
     norm = W.norm(dim=-1).mean()
     with torch.no_grad():
         got = bireco.reconstruction_loss(model, anchor, t, m, how=how, prompt=user)
-        mean, total = anchor.mean(0), 0
+        total = 0
         for i, y in enumerate(tgt):
-            c = anchor[i] - mean
-            x = torch.cat([W[sink][None], (mean * norm / mean.norm())[None], (c * norm / c.norm())[None],
-                           W[torch.tensor(user)], W[torch.tensor(y[:-1])]])[None]
-            logits = model.lm_head(model(inputs_embeds=x))[0, 2 + len(user):]
+            c = anchor[i] - anchor.mean(0)
+            x = torch.cat([W[sink][None], (c * norm / c.norm())[None], W[torch.tensor(user)],
+                           W[torch.tensor(y[:-1])]])[None]
+            logits = model.lm_head(model(inputs_embeds=x))[0, 1 + len(user):]
             total = total + F.cross_entropy(logits, torch.tensor(y), reduction="sum")
         torch.testing.assert_close(got, total / sum(map(len, tgt)), **TOL)
     a = anchor.clone().requires_grad_()

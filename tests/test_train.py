@@ -24,7 +24,7 @@ from model import ModelConfig, Transformer, load_model, load_tokenizer, save_mod
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # one progress line: "step 2/2 | d2q 6.0755 | lr 2.67e-06 | 454 tok/s | eta 0.0 min"
-PROGRESS = re.compile(r"^step (\d+)/(\d+) \| ((?:\w+ -?\d+\.\d{4} ?)+) \| lr (\d\.\d\de[-+]\d\d) \| "
+PROGRESS = re.compile(r"^step (\d+)/(\d+) \| ((?:\w+ -?\d+\.\d{4} ?)+)(?: \| batch gap [^|]*)? \| lr (\d\.\d\de[-+]\d\d) \| "
                       r"(\d+) tok/s(?: \| negatives/query (\d+))? \| eta (\d+\.\d) min$", re.M)
 
 
@@ -87,7 +87,7 @@ def common(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("stage, loss_name, negatives", [
-    ("recon", "d2q", None),  # steps 1-2 of the 4:1 pattern are EBD2Q
+    ("recon", "d2q", None),  # the 1 : 1 pattern: step 1 EBD2Q, step 2 EBQ2D
     ("contrastive", "loss", 7),  # negatives/query = (B - 1) positives + B hard negatives
 ], ids=["recon", "contrastive"])
 def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_dir, tmp_path):
@@ -101,7 +101,8 @@ def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_di
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = progress(proc.stdout)  # default --log-every 10: only the last step is logged
     assert row[0] == 2 and f"step 2/2 | {loss_name} " in proc.stdout
-    assert list(row[1]) == [loss_name] and np.isfinite(row[1][loss_name])
+    names = ["d2q", "q2d"] if stage == "recon" else [loss_name]
+    assert list(row[1]) == names and all(np.isfinite(v) for v in row[1].values())
     assert row[2] == pytest.approx(lr, rel=1e-2) and row[3] == negatives
     samples = [line for line in proc.stdout.splitlines() if line.startswith("samples at step")]
     if stage == "recon":  # Stage I shows reconstructions at the start and at the end
@@ -371,7 +372,7 @@ def test_ctrl_c_saves_and_resume_continues(tiny_model_dir, pairs8, tmp_path, cap
     out = "".join(lines) + rest
     assert proc.returncode == 0, out[-3000:]  # Ctrl-C is a clean stop: finish the step, save, exit 0
     assert "interrupt: finishing this step" in out
-    step = int(re.search(r"^done: .* \(step (\d+)/100000\)$", out, re.M).group(1))
+    step = int(re.search(r"^done: .* \(step (\d+)/100000\) in \d+\.\d min$", out, re.M).group(1))
     assert step >= 1 and progress(out)[-1][0] == step
     assert f"saved {run / f'step-{step:06d}'}" in out
     assert meta(run)["step"] == step
@@ -426,7 +427,7 @@ def test_stage1_prints_the_held_out_gap(tiny_model_dir, tmp_path, capsys):
     fmt = TextFormat(tok, eos_ids, 64)
     pairs = split_pairs(os.path.join(ROOT, "manpages", "validation"), INSTRUCTIONS["manpages"], 4)
     how = bireco.checkpoint_decoding(str(tmp_path / "run" / "latest"), fmt)
-    assert how == bireco.Decoding(sink_id=fmt.head[0], centre=True, cell=True, turn=True)  # the default: sided
+    assert how == bireco.Decoding(sink_id=fmt.head[0], centre=True, turn=True)  # the default: sided
     g = bireco.anchor_losses(model, fmt, pairs, "d2q", how=how, shufflings=2)
     low, high = (f(g["each"]) - g["true"] for f in (min, max))
     lines = out.splitlines()
