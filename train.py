@@ -352,6 +352,7 @@ def build(args, device, resume_from, meta):
 
 
 def main(argv=None):
+    started = time.time()  # the wall time printed at the end: loading and reports included
     args, resume_from, meta = settings(argv)
     run = args.resume or args.out
     if args.dtype == "auto":  # resolved once, so a resumed run keeps the dtype it started with
@@ -384,7 +385,6 @@ def main(argv=None):
             print_samples(model, fmt, shown, what, 0, ctx, how)
     start_step = first = step
     t0, window = time.time(), {}  # window: the losses and tokens since the last line
-    started = t0
     while step < args.steps:
         lr = lr_at(step, args)
         for g in opt.param_groups:
