@@ -284,10 +284,10 @@ def settings(argv):
             parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
     if args.warmup is None:
         args.warmup = round(WARMUP_SHARE * args.steps)
-    if args.sample_every is None:  # at the start and the end
-        args.sample_every = args.steps
     elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
         parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
+    if args.sample_every is None:  # at the start and the end
+        args.sample_every = args.steps
     if args.batch_size % hardware.WORLD:
         parser.error(f"--batch-size {args.batch_size} must be a multiple of the "
                      f"{hardware.WORLD} processes")

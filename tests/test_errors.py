@@ -338,8 +338,9 @@ def test_bad_flag(name, cli, tiny_model_dir, pairs8, tmp_path):
 
 def test_long_texts_are_cut_and_counted(cli, tiny_model_dir, tmp_path):
     """Documents of hundreds of tokens with --max-length 128: each is cut to 128 ids ending in the
-    EOS, and train.py counts them. Steps 1 and 2 are EBD2Q (the 4:1 schedule), which embeds the 4
-    documents of the batch and regenerates the 4 short queries: 4 cut texts per step."""
+    EOS, and train.py counts them, once, at the end. Step 1 is EBD2Q (the 1 : 1 schedule), which
+    embeds the 4 documents of its batch; step 2 EBQ2D, which regenerates 4 documents cut to 127
+    target tokens: 8 cut texts."""
     tok, eos_ids = load_tokenizer(tiny_model_dir)
     fmt = TextFormat(tok, eos_ids, max_length=128)
     row = long_rows(1)[0]
@@ -352,8 +353,8 @@ def test_long_texts_are_cut_and_counted(cli, tiny_model_dir, tmp_path):
     code, out, err = cli(*recon(tiny_model_dir, folder, tmp_path / "run", "--steps", "2", "--max-length", "128",
                                 "--log-every", "1"))
     assert code == 0 and "Traceback" not in err, err[-3000:]
-    warnings = re.findall(r"^warning: (\d+) texts so far were longer than --max-length 128 tokens", out, re.M)
-    assert warnings == ["4", "8"], out[-3000:]
+    notes = re.findall(r"^note: (\d+) texts were longer than --max-length 128 tokens", out, re.M)
+    assert notes == ["8"], out[-3000:]
 
 
 # -----------------------------------------------------------------------------
