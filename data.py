@@ -13,7 +13,8 @@ Training data: (query, positive, negative) pairs, how texts become token ids, an
 - Batches: every batch comes from a single source dataset (in-batch negatives stay in-domain),
   shuffled from a seed; the position in the stream is a small dict that a checkpoint stores.
 - Stage I task schedule: whole batches alternate between EBD2Q and EBQ2D in a fixed pattern whose
-  ratio equals the task weights (paper default 0.8 : 0.2, i.e. 4 EBD2Q batches, then 1 EBQ2D).
+  ratio equals the task weights (the official code's 0.8 : 0.2 gives 4 EBD2Q batches, then 1 EBQ2D;
+  train.py's default is 1 : 1).
 """
 
 import gzip

@@ -320,8 +320,9 @@ def tasks(w_d2q, w_q2d, n=100):
     return [stage1_task(step, w_d2q, w_q2d) for step in range(n)]
 
 
-def test_schedule_default_ratio():
-    """0.8 : 0.2 gives 80 EBD2Q and 20 EBQ2D batches per 100, as d2q d2q d2q d2q q2d."""
+def test_schedule_official_ratio():
+    """The official code's 0.8 : 0.2 gives 80 EBD2Q and 20 EBQ2D batches per 100, as d2q d2q d2q
+    d2q q2d."""
     t = tasks(0.8, 0.2)
     assert t.count("d2q") == 80 and t.count("q2d") == 20
     assert t[:5] == ["d2q", "d2q", "d2q", "d2q", "q2d"]
