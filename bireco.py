@@ -10,9 +10,9 @@ fits its large batch, then the diagnostic of what the [EOS] vector carries.
   y_1..y_n, at position 0, whatever the padding (by default after one real token, centred, and
   followed by the written side's turn opening: see Decoding). The last position before the targets
   predicts y_1, position k predicts y_(k+1): teacher-forced next-token prediction of the content
-  tokens only. Logits are
-  computed only at those n positions and in chunks, never for the whole (B, T, V) block, and each
-  chunk's gradient is taken right after its loss, so no logits are kept for backward.
+  tokens only. Logits are computed only at those n positions and in chunks, never for the whole
+  (B, T, V) block, and each chunk's gradient is taken right after its loss, so no logits are kept
+  for backward.
   Gradients flow through the anchor into the pass that produced it.
 - Stage II: InfoNCE over cosine similarities at temperature 0.02; the candidates of each query are
   all positives and hard negatives of the batch. The step embeds the batch in passes of bounded
@@ -207,7 +207,8 @@ def target_cross_entropy(model: Transformer, h, y, row_weights=None, chunk: int 
 class Decoding:
     """How Stage I's decoder pass reads the anchor: the paper's input, the one train.py uses by
     default, an earlier default and a control (what each did on held-out pairs, and the options
-    that did nothing on their own and left, with the commit where they lived: experiments/README.md).
+    that did nothing on their own and left, with the commit where they lived:
+    experiments/README.md).
     - Decoding() (PAPER, --anchor-input paper): the [EOS] vector itself at position 0, then
       y_1 .. y_(n-1).
     - sink_id + centre (--anchor-input centred, the default until December 2026): the template's
@@ -568,7 +569,8 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
     """Greedy decoding of the other side from anchor embeddings (B, D), as Stage I's decoder sees
     them (how.at_inference(): Decoding.prefix, then the tokens chosen so far)."""
     W = model.model.embed_tokens.weight
-    return generate(model, how.at_inference().prefix(anchor.to(W.device), W, prompt), stop_id, max_new)
+    prefix = how.at_inference().prefix(anchor.to(W.device), W, prompt)
+    return generate(model, prefix, stop_id, max_new)
 
 
 @torch.no_grad()
@@ -618,12 +620,13 @@ def reconstruction_samples(model: Transformer, fmt: TextFormat, pairs: list[Pair
 
 def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pair]],
                    how: Decoding = PAPER, show: int = 1, what: str = "held-out pairs",
-                   at: str = "", shufflings: int = 3, forms: bool = True) -> list[str]:
+                   at: str = "", shufflings: int = 3) -> list[str]:
     """Printable lines on what the [EOS] vectors carry, for each dataset of `sets` ({name: pairs}):
     its first `show` pairs regenerated both ways (reconstruction_samples, the anchors read over
     the first 16 pairs, a batch), then the gap over all its pairs (anchor_losses): another pair's
     anchor's target loss minus the own one's (the mean over `shufflings` and their range), and
-    the batch-mean anchor's; with `forms`, the share written in the right side's form (form_line).
+    the batch-mean anchor's; for a dataset with a form check, the share written in the right
+    side's form (form_line).
     `at`: " at step 50".
     Runs in eval mode and leaves the model's mode and fmt's count of cut texts as they were."""
     training, counted = model.training, fmt.truncated  # a training run counts its own texts
@@ -644,7 +647,7 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
         lines += [f"{what} gap{at}, {name} ({len(pairs)} pairs; target loss per token given "
                   f"another pair's anchor minus given its own, [lowest, highest] over "
                   f"{shufflings} shufflings):", "  " + " | ".join(cells)]
-        if forms and name in SIDE_FORMS:
+        if name in SIDE_FORMS:
             lines.append(form_line(model, fmt, name, pairs, how, what, at))
     model.train(training)
     fmt.truncated = counted
@@ -653,9 +656,9 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
 
 def form_line(model: Transformer, fmt: TextFormat, name: str, pairs: list[Pair],
               how: Decoding = PAPER, what: str = "held-out pairs", at: str = "") -> str:
-    """The share of `pairs` whose greedy regeneration (its first 8 tokens, regenerate) has the form of the
-    side it should be (data.written_side): a document from the query's vector (EBQ2D), a query
-    from the document's (EBD2Q)."""
+    """The share of `pairs` whose greedy regeneration (its first 8 tokens, regenerate) has the form
+    of the side it should be (data.written_side): a document from the query's vector (EBQ2D), a
+    query from the document's (EBD2Q)."""
     share = {task: np.mean([written_side(name, t) == want
                             for t in regenerate(model, fmt, pairs, task, how)])
              for task, want in (("q2d", "document"), ("d2q", "query"))}

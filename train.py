@@ -100,8 +100,9 @@ arg("--mode", choices=["interleave", "sum"], default="interleave",
 decoder = parser.add_argument_group("Stage I: how the decoder reads the anchor (bireco.Decoding)")
 decoder.add_argument("--anchor-input", choices=["sided", "centred", "paper"],
                      help="sided: a real token, the anchor minus the batch's mean at the token "
-                     "embeddings' norm, then the written side's chat-turn opening; centred: the same "
-                     "without the turn opening; paper: the anchor itself at position 0 (stage default)")
+                     "embeddings' norm, then the written side's chat-turn opening; centred: the "
+                     "same without the turn opening; paper: the anchor itself at position 0 "
+                     "(stage default)")
 decoder.add_argument("--shuffle-anchors", action="store_true",
                      help="a control: each target decodes from another pair's anchor")
 arg("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
@@ -212,8 +213,8 @@ def micro_step(model, fmt, name, batch, micro, args, ctx):
     loss is a mean over the global batch's target tokens of its task, to which each process adds
     its own tokens' share (bireco's `total`); the logged values are the global means. Interleaved
     Stage I also logs the gap of the batch (of dataset `name`) before its update ("gap
-    wordnet/d2q": bireco.stage1_loss), the mean over the processes: on WordNet's pairs, each seen once in a
-    run, it is a held-out estimate; the man pages' 351 pairs repeat, so theirs is not."""
+    wordnet/d2q": bireco.stage1_loss), the mean over the processes: on WordNet's pairs, each seen
+    once in a run, it is a held-out estimate; the man pages' 351 pairs repeat, so theirs is not."""
     mine = hardware.my_slice(batch)
     if args.stage == "contrastive":  # each process embeds its slice; InfoNCE over the whole batch
         gather = hardware.gather_batch if hardware.WORLD > 1 else None
@@ -415,8 +416,10 @@ def main(argv=None):
 
         if step % args.log_every == 0 or step == args.steps:
             dt, tokens = time.time() - t0, window.pop("tokens")
-            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items() if " " not in k)
-            gaps = " ".join(f"{k[4:]} {np.mean(v):+.3f}" for k, v in window.items() if " " in k)
+            gap = lambda k: k.startswith("gap ")  # noqa: E731
+            losses = " ".join(f"{k} {np.mean(v):.4f}" for k, v in window.items() if not gap(k))
+            gaps = " ".join(f"{k.removeprefix('gap ')} {np.mean(v):+.3f}"
+                            for k, v in window.items() if gap(k))
             losses += f" | batch gap {gaps}" if gaps else ""
             extra = f" | negatives/query {negatives}" if negatives is not None else ""
             eta = dt / (step - first) * (args.steps - step)
