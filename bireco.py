@@ -575,15 +575,16 @@ def reconstruct(model: Transformer, anchor, stop_id: int, max_new: int = 48,
 
 @torch.no_grad()
 def regenerate(model: Transformer, fmt: TextFormat, pairs: list[Pair], task: str,
-               how: Decoding = PAPER, tokens: int = 8, batch: int = 16) -> list[str]:
+               how: Decoding = PAPER, tokens: int = 6, batch: int = 16) -> list[str]:
     """Each pair's other side regenerated greedily (at most `tokens` tokens) from its own anchor,
-    the anchors read `batch` at a time as in training: the texts a form check reads."""
-    how, W, out = how.at_inference(), model.model.embed_tokens.weight, []
+    the anchors read `batch` at a time as in training, all rows then decoded together: the texts
+    a form check reads (6 tokens hold the form of 99.75% of WordNet's training queries)."""
+    how, W = how.at_inference(), model.model.embed_tokens.weight
+    prefixes = []
     for i in range(0, len(pairs), batch):
         sources, _ = stage1_sides(pairs[i:i + batch], task)
-        prefix = how.prefix(embed_texts(model, fmt, sources), W, how.prompt(fmt, task))
-        out += [fmt.tok.decode(ids) for ids in generate(model, prefix, fmt.eos_id, tokens)]
-    return out
+        prefixes.append(how.prefix(embed_texts(model, fmt, sources), W, how.prompt(fmt, task)))
+    return [fmt.tok.decode(ids) for ids in generate(model, torch.cat(prefixes), fmt.eos_id, tokens)]
 
 
 @torch.no_grad()
@@ -656,7 +657,7 @@ def heldout_report(model: Transformer, fmt: TextFormat, sets: dict[str, list[Pai
 
 def form_line(model: Transformer, fmt: TextFormat, name: str, pairs: list[Pair],
               how: Decoding = PAPER, what: str = "held-out pairs", at: str = "") -> str:
-    """The share of `pairs` whose greedy regeneration (its first 8 tokens, regenerate) has the form
+    """The share of `pairs` whose greedy regeneration (its first 6 tokens, regenerate) has the form
     of the side it should be (data.written_side): a document from the query's vector (EBQ2D), a
     query from the document's (EBD2Q)."""
     share = {task: np.mean([written_side(name, t) == want
