@@ -56,7 +56,10 @@ arg("--device", help="none: cuda if available, else cpu")
 arg("--output", default="results", help="mteb result folder")
 arg("--reconstruct", type=int, default=0, metavar="N",
     help="instead of scoring: N held-out pairs of the bundled tasks regenerated from their "
-    "[EOS] vectors, and the gap (true vs another pair's anchor) over the split")
+    "[EOS] vectors, then the gap (true vs another pair's anchor) and the form check")
+arg("--gap-pairs", type=int, default=128, metavar="N",
+    help="--reconstruct: the gap and the form check over the split's first N pairs of each task, "
+    "as train.py's reports; 0 = the whole split")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -94,10 +97,12 @@ def run_name(path: str) -> str:
 
 def reconstruction_report(path: str, names: list[str], args):
     """--reconstruct N: what a checkpoint's [EOS] vectors carry on the bundled tasks' --split:
-    N pairs regenerated both ways and the gap over the whole split (bireco.heldout_report)."""
+    N pairs regenerated both ways, the gap and the form check over --gap-pairs of the split
+    (bireco.heldout_report)."""
     embedder = Embedder.from_pretrained(path, args.device, args.dtype, args.max_length)
+    n = args.gap_pairs or None
     sets = {name: data.split_pairs(os.path.join(ROOT, data.BUNDLED_TASKS[name], args.split),
-                                   data.INSTRUCTIONS[data.BUNDLED_TASKS[name]]) for name in names}
+                                   data.INSTRUCTIONS[data.BUNDLED_TASKS[name]], n) for name in names}
     how = checkpoint_decoding(path, embedder.fmt)  # as the checkpoint's Stage I decoded
     lines = heldout_report(embedder.model, embedder.fmt, sets, how, args.reconstruct,
                            f"{args.split} pairs")
@@ -127,6 +132,8 @@ def print_table(scores: dict, columns: list[str]):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.gap_pairs < 0:
+        parser.error(f"--gap-pairs must be 0 (the whole split) or more, got {args.gap_pairs}")
     for path in args.model or []:  # before the slow imports
         if not os.path.isfile(os.path.join(path, "config.json")):
             sys.exit(f"eval.py: --model {path} is not a checkpoint folder (no config.json in it)")

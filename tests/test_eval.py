@@ -242,7 +242,7 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
 
 def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     """--reconstruct 2: the first two held-out pairs with their four regenerated sides, then the
-    gap over the whole split, batches of 16: another pair's anchor (rolled by 1, 2 and 3: their mean
+    gap over the split's first 128 pairs (--gap-pairs), batches of 16: another pair's anchor (rolled by 1, 2 and 3: their mean
     and range) against the own one's loss, each decoded by hand."""
     import torch
 
@@ -253,7 +253,8 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     proc = run_eval("--model", tiny_model_dir, "--reconstruct", "2", "--tasks", "WordNetSenseRetrieval",
                     "--split", "validation", "--dtype", "float32")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    pairs = data.split_pairs(os.path.join(ROOT, "wordnet", "validation"), data.INSTRUCTIONS["wordnet"])
+    pairs = data.split_pairs(os.path.join(ROOT, "wordnet", "validation"), data.INSTRUCTIONS["wordnet"],
+                             128)
     lines = proc.stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("samples (validation pairs;"))
     block = [line.split(None, 1) for line in lines[start + 1:start + 13]]
