@@ -12,7 +12,7 @@ Model: the embedded SmolLM2-135M-Instruct (or --model); data and recipe: train.p
 bundled WordNet and man-page train splits, STAGE_DEFAULTS), changed only by --recon / --contrastive.
 Scores: nDCG@10 on both bundled retrieval tasks through eval.py (mteb), on --split. Arms:
   baseline   Stage II only, from the base model
-  ours       Stage I (EBD2Q:EBQ2D = 4:1, interleaved), then the same Stage II from its checkpoint
+  ours       the default Stage I (train.py's STAGE_DEFAULTS), then the same Stage II from its checkpoint
   q2d-only, d2q-only, sum   Stage I with EBQ2D only, EBD2Q only, or both summed every batch
   control    the same Stage I with every target decoded from another pair's anchor: the LM
              fine-tuned on the same texts for the same steps, with nothing to reconstruct
