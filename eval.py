@@ -101,8 +101,9 @@ def reconstruction_report(path: str, names: list[str], args):
     (bireco.heldout_report)."""
     embedder = Embedder.from_pretrained(path, args.device, args.dtype, args.max_length)
     n = args.gap_pairs or None
-    sets = {name: data.split_pairs(os.path.join(ROOT, data.BUNDLED_TASKS[name], args.split),
-                                   data.INSTRUCTIONS[data.BUNDLED_TASKS[name]], n) for name in names}
+    folders = [data.BUNDLED_TASKS[name] for name in names]  # by dataset, as data.SIDE_FORMS knows them
+    sets = {d: data.split_pairs(os.path.join(ROOT, d, args.split), data.INSTRUCTIONS[d], n)
+            for d in folders}
     how = checkpoint_decoding(path, embedder.fmt)  # as the checkpoint's Stage I decoded
     lines = heldout_report(embedder.model, embedder.fmt, sets, how, args.reconstruct,
                            f"{args.split} pairs")

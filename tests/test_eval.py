@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,7 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     block = [line.split(None, 1) for line in lines[start + 1:start + 13]]
     assert [k for k, _ in block] == ["query", "document", "EBQ2D", "shuffled", "EBD2Q", "shuffled"] * 2
     assert [block[0][1], block[1][1], block[6][1]] == [pairs[0].query, pairs[0].positive, pairs[1].query]
-    assert lines[start + 13].startswith(f"validation pairs gap, WordNetSenseRetrieval ({len(pairs)} pairs;")
+    assert lines[start + 13].startswith(f"validation pairs gap, wordnet ({len(pairs)} pairs;")
     model = load_model(tiny_model_dir).eval()
     fmt = data.TextFormat(*load_tokenizer(tiny_model_dir))
     for task, label in (("d2q", "EBD2Q"), ("q2d", "EBQ2D")):
@@ -277,6 +278,9 @@ def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
         shuffled = own + sum(each) / 3
         assert (f"{label} {shuffled - own:+.3f} [{min(each):+.3f}, {max(each):+.3f}] (own {own:.3f}, "
                 f"another's {shuffled:.3f}") in lines[start + 14]
+    # then the form check of the bundled dataset's regenerations (data.written_side)
+    assert re.fullmatch(r"validation pairs form, wordnet: \d+% of 128 EBQ2D regenerations read as "
+                        r"documents, \d+% of EBD2Q ones as queries", lines[start + 15])
 
 
 def test_average_of_bundled_and_mteb_tasks():
