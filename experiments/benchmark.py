@@ -616,7 +616,7 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
                                                          gap=True)[0].backward(),
                  "ref d2q": lambda: ref_stage1(ref, fmt, batch, dict(d2q=1.0)),
                  "ref q2d": lambda: ref_stage1(ref, fmt, batch, dict(q2d=1.0))}
-        steps = steps_of(sides, {k: ours if k.startswith("ours") else ref for k in sides})
+        steps = steps_of(sides, {k: ref if k.startswith("ref") else ours for k in sides})
         for go in steps.values():  # warm-up
             go()
         for k, v in interleaved(steps, repeats, device).items():
