@@ -101,7 +101,7 @@ def reconstruction_report(path: str, names: list[str], args):
     (bireco.heldout_report)."""
     embedder = Embedder.from_pretrained(path, args.device, args.dtype, args.max_length)
     n = args.gap_pairs or None
-    folders = [data.BUNDLED_TASKS[name] for name in names]  # by dataset, as data.SIDE_FORMS knows them
+    folders = (data.BUNDLED_TASKS[name] for name in names)  # dataset names, as data.SIDE_FORMS's
     sets = {d: data.split_pairs(os.path.join(ROOT, d, args.split), data.INSTRUCTIONS[d], n)
             for d in folders}
     how = checkpoint_decoding(path, embedder.fmt)  # as the checkpoint's Stage I decoded

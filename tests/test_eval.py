@@ -243,8 +243,9 @@ def test_results_folder_that_cannot_be_written(tiny_model_dir, tmp_path):
 
 def test_reconstruct_prints_samples_and_the_diagnostic(tiny_model_dir):
     """--reconstruct 2: the first two held-out pairs with their four regenerated sides, then the
-    gap over the split's first 128 pairs (--gap-pairs), batches of 16: another pair's anchor (rolled by 1, 2 and 3: their mean
-    and range) against the own one's loss, each decoded by hand."""
+    gap over the split's first 128 pairs (--gap-pairs), batches of 16: another pair's anchor
+    (rolled by 1, 2 and 3: their mean and range) against the own one's loss, each decoded by hand;
+    then the form check."""
     import torch
 
     import bireco
