@@ -90,7 +90,9 @@ arg("--stop-after", type=int, help="stop with a checkpoint after this many steps
 arg("--batch-size", type=int, help="pairs per batch (stage default): Stage II's negative pool")
 arg("--grad-accum", type=int, default=1, help="batches per step (the negative pool stays a batch)")
 arg("--lr", type=float, help="peak learning rate (stage default)")
-arg("--warmup", type=int, help="linear warmup steps, then linear decay to 0 (default: steps / 10)")
+arg("--warmup", type=int, help="linear warmup steps (default: steps / 10)")
+arg("--warmdown", type=int, help="the last steps, over which the rate decays linearly to 0; between "
+    "warmup and warmdown it holds at --lr (default: all the steps after the warmup)")
 arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 arg("--clip", type=float, default=1.0, help="gradient norm clip")
 arg("--max-length", type=int, help="tokens per text, EOS included (stage default)")
@@ -202,10 +204,11 @@ def save_checkpoint(run, model, opt, batches, step, args, rng):
 
 
 def lr_at(step, args):
-    """Linear warmup to --lr over --warmup steps, then linear decay to 0 at --steps."""
+    """Linear warmup to --lr over --warmup steps, --lr held, then linear decay to 0 at --steps over
+    the last --warmdown steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
+    return args.lr * min(1.0, max(0.0, (args.steps - step) / max(1, args.warmdown)))
 
 
 def micro_step(model, fmt, name, batch, micro, args, ctx):
@@ -272,6 +275,7 @@ def settings(argv):
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
         saved = {**meta["args"], "resume": args.resume, "stop_after": args.stop_after}
+        saved.setdefault("warmdown", saved["steps"] - saved["warmup"])  # runs from before the flag
         gone = [k for k in ("decoder_dropout", "detach_decoder") if saved.get(k)]
         if gone:  # options of older versions (experiments/README.md says where they live)
             sys.exit(f"error: {resume_from}/meta.json: the run used --{gone[0].replace('_', '-')}, "
@@ -288,6 +292,11 @@ def settings(argv):
         args.warmup = round(WARMUP_SHARE * args.steps)
     elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
         parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
+    if args.warmdown is None:
+        args.warmdown = args.steps - args.warmup
+    elif not 0 <= args.warmdown <= args.steps - args.warmup:
+        parser.error(f"--warmdown {args.warmdown} must be at least 0 and at most --steps {args.steps} "
+                     f"minus --warmup {args.warmup}")
     if args.sample_every is None:  # at the start and the end
         args.sample_every = args.steps
     if args.batch_size % hardware.WORLD:
