@@ -94,6 +94,7 @@ arg("--warmup", type=int, help="linear warmup steps (default: steps / 10)")
 arg("--warmdown", type=int, help="the last steps, over which the rate decays linearly to 0; between "
     "warmup and warmdown it holds at --lr (default: all the steps after the warmup)")
 arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+arg("--beta2", type=float, default=0.999, help="AdamW's decay of its squared-gradient average")
 arg("--clip", type=float, default=1.0, help="gradient norm clip")
 arg("--max-length", type=int, help="tokens per text, EOS included (stage default)")
 arg("--task-weights", type=float, nargs=2, metavar=("D2Q", "Q2D"),
@@ -275,7 +276,8 @@ def settings(argv):
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
         saved = {**meta["args"], "resume": args.resume, "stop_after": args.stop_after}
-        saved.setdefault("warmdown", saved["steps"] - saved["warmup"])  # runs from before the flag
+        saved.setdefault("warmdown", saved["steps"] - saved["warmup"])  # runs from before the flags
+        saved.setdefault("beta2", 0.999)
         gone = [k for k in ("decoder_dropout", "detach_decoder") if saved.get(k)]
         if gone:  # options of older versions (experiments/README.md says where they live)
             sys.exit(f"error: {resume_from}/meta.json: the run used --{gone[0].replace('_', '-')}, "
@@ -288,6 +290,8 @@ def settings(argv):
               "log_every"):
         if getattr(args, k) < 1:
             parser.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    if not 0 <= args.beta2 < 1:
+        parser.error(f"--beta2 must be at least 0 and below 1, got {args.beta2}")
     if args.warmup is None:
         args.warmup = round(WARMUP_SHARE * args.steps)
     elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
@@ -349,8 +353,8 @@ def build(args, device, resume_from, meta):
     params = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel over all parameters; on a 2-core CPU 0.08 s a step for the 135M full
     # fine-tune of Stage I, where the per-tensor loop took 0.64 s (a tenth of the step)
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999),
-                            fused=device.type in ("cpu", "cuda"))
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                            betas=(0.9, args.beta2), fused=device.type in ("cpu", "cuda"))
     if not resume_from:
         return data, batches, model, fmt, opt, 0
     try:
