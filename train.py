@@ -91,8 +91,8 @@ arg("--batch-size", type=int, help="pairs per batch (stage default): Stage II's 
 arg("--grad-accum", type=int, default=1, help="batches per step (the negative pool stays a batch)")
 arg("--lr", type=float, help="peak learning rate (stage default)")
 arg("--warmup", type=int, help="linear warmup steps (default: steps / 10)")
-arg("--warmdown", type=int, help="the last steps, over which the rate decays linearly to 0; between "
-    "warmup and warmdown it holds at --lr (default: all the steps after the warmup)")
+arg("--warmdown", type=int, help="the last steps, over which the rate decays linearly to 0; "
+    "between warmup and warmdown it holds at --lr (default: all the steps after the warmup)")
 arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 arg("--beta2", type=float, default=0.999, help="AdamW's decay of its squared-gradient average")
 arg("--clip", type=float, default=1.0, help="gradient norm clip")
@@ -299,8 +299,8 @@ def settings(argv):
     if args.warmdown is None:
         args.warmdown = args.steps - args.warmup
     elif not 0 <= args.warmdown <= args.steps - args.warmup:
-        parser.error(f"--warmdown {args.warmdown} must be at least 0 and at most --steps {args.steps} "
-                     f"minus --warmup {args.warmup}")
+        parser.error(f"--warmdown {args.warmdown} must be at least 0 and at most --steps "
+                     f"{args.steps} minus --warmup {args.warmup}")
     if args.sample_every is None:  # at the start and the end
         args.sample_every = args.steps
     if args.batch_size % hardware.WORLD:
