@@ -61,9 +61,9 @@ STAGE_DEFAULTS = {
                         # a document from as many batches as a query
         max_length=64,  # paper 512: cuts 79% of man-page descriptions (median 91 tokens); 0.63x
         lora_rank=0,
-        beta2=0.95),    # paper: not stated (AdamW); at 0.999 the squared-gradient average still
-                        # held the first steps' large gradients, and seed 3's gap opened at step
-                        # ~100 rather than ~60 (experiments/README.md); 0.95 as in nanoGPT
+        beta2=0.95),    # paper: not stated (AdamW); at 0.999 seed 3's gap opened at step ~100
+                        # and ended under 0.3 in two cells, at 0.95 (nanoGPT's) it opened by ~60
+                        # and passed 0.3 in three (experiments/README.md)
     "contrastive": dict(
         mix="equal",    # the official code's is size: here every other batch is a man page
         lr=2e-3,        # paper 2e-4 for ~1,000 steps; at 5e-4 the loss sat at chance 30 of 40 steps
