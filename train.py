@@ -94,9 +94,7 @@ arg("--stop-after", type=int, help="stop with a checkpoint after this many steps
 arg("--batch-size", type=int, help="pairs per batch (stage default): Stage II's negative pool")
 arg("--grad-accum", type=int, default=1, help="batches per step (the negative pool stays a batch)")
 arg("--lr", type=float, help="peak learning rate (stage default)")
-arg("--warmup", type=int, help="linear warmup steps (default: steps / 10)")
-arg("--warmdown", type=int, help="the last steps, over which the rate decays linearly to 0; "
-    "between warmup and warmdown it holds at --lr (default: all the steps after the warmup)")
+arg("--warmup", type=int, help="linear warmup steps, then linear decay to 0 (default: steps / 10)")
 arg("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
 arg("--beta2", type=float, help="AdamW's decay of its squared-gradient average (stage default)")
 arg("--clip", type=float, default=1.0, help="gradient norm clip")
@@ -209,11 +207,10 @@ def save_checkpoint(run, model, opt, batches, step, args, rng):
 
 
 def lr_at(step, args):
-    """Linear warmup to --lr over --warmup steps, --lr held, then linear decay to 0 at --steps over
-    the last --warmdown steps."""
+    """Linear warmup to --lr over --warmup steps, then linear decay to 0 at --steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    return args.lr * min(1.0, max(0.0, (args.steps - step) / max(1, args.warmdown)))
+    return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - args.warmup))
 
 
 def micro_step(model, fmt, name, batch, micro, args, ctx):
@@ -280,8 +277,7 @@ def settings(argv):
         with open(os.path.join(resume_from, "meta.json")) as f:
             meta = json.load(f)
         saved = {**meta["args"], "resume": args.resume, "stop_after": args.stop_after}
-        saved.setdefault("warmdown", saved["steps"] - saved["warmup"])  # runs from before the flags
-        saved.setdefault("beta2", 0.999)
+        saved.setdefault("beta2", 0.999)  # runs from before the flag
         gone = [k for k in ("decoder_dropout", "detach_decoder") if saved.get(k)]
         if gone:  # options of older versions (experiments/README.md says where they live)
             sys.exit(f"error: {resume_from}/meta.json: the run used --{gone[0].replace('_', '-')}, "
@@ -300,11 +296,6 @@ def settings(argv):
         args.warmup = round(WARMUP_SHARE * args.steps)
     elif not 0 <= args.warmup < args.steps:  # else the schedule never decays
         parser.error(f"--warmup {args.warmup} must be at least 0 and below --steps {args.steps}")
-    if args.warmdown is None:
-        args.warmdown = args.steps - args.warmup
-    elif not 0 <= args.warmdown <= args.steps - args.warmup:
-        parser.error(f"--warmdown {args.warmdown} must be at least 0 and at most --steps "
-                     f"{args.steps} minus --warmup {args.warmup}")
     if args.sample_every is None:  # at the start and the end
         args.sample_every = args.steps
     if args.batch_size % hardware.WORLD:

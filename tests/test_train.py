@@ -134,25 +134,20 @@ def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_di
         torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("warmdown", [None, 4])
-def test_pairs_without_negatives_and_the_schedule(warmdown, tiny_model_dir, tmp_path, capsys):
+def test_pairs_without_negatives_and_the_default_warmup(tiny_model_dir, tmp_path, capsys):
     """Stage II on plain sentence pairs (one .jsonl file, no "negative"): in-batch negatives only,
-    B - 1 = 3 per query. 12 steps with the default warmup (a tenth of the steps: 1) peak at step 1;
-    then the rate decays linearly to lr / 11 at step 12, or with --warmdown 4 holds until step 9
-    and decays over the last 4 steps."""
+    B - 1 = 3 per query. 12 steps with the default warmup (a tenth of the steps: 1) peak at step 1
+    and decay linearly to lr / 11 at step 12."""
     rows = [{"query": r["query"], "positive": r["positive"]} for r in wordnet_rows(8)]
     data = tmp_path / "wordnet.jsonl"  # a name with a built-in instruction
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    flags = [] if warmdown is None else ["--warmdown", str(warmdown)]
-    train.main(["--stage", "contrastive", "--steps", "12", "--lr", "1e-3", *flags,
-                *common(tiny_model_dir, str(data), tmp_path / "run")])
+    train.main(["--stage", "contrastive", "--steps", "12", "--lr", "1e-3", *common(tiny_model_dir, str(data),
+                tmp_path / "run")])
     rows = progress(capsys.readouterr().out)
     assert [r[0] for r in rows] == list(range(1, 13))
     assert all(r[3] == 3 for r in rows)
-    expected = [min(1, (12 - s) / (warmdown or 11)) for s in range(12)]
-    assert [r[2] for r in rows] == pytest.approx([1e-3 * e for e in expected], rel=1e-2)
+    assert [r[2] for r in rows] == pytest.approx([1e-3 * min(1, (12 - s) / 11) for s in range(12)], rel=1e-2)
     assert meta(tmp_path / "run")["args"]["warmup"] == 1
-    assert meta(tmp_path / "run")["args"]["warmdown"] == (warmdown or 11)
 
 
 # -----------------------------------------------------------------------------
