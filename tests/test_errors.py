@@ -292,7 +292,6 @@ FLAG_FAULTS = {
     "zero_batch_size": (["--batch-size", "0"], 2, "--batch-size must be at least 1, got 0"),
     "zero_save_every": (["--save-every", "0"], 2, "--save-every must be at least 1, got 0"),
     "warmup_not_below_steps": (["--warmup", "2"], 2, "--warmup 2 must be at least 0 and below --steps 2"),
-    "beta2_one": (["--beta2", "1"], 2, "--beta2 must be at least 0 and below 1, got 1.0"),
     "max_length_below_template": (["--max-length", "24"], 1, "error: --max-length 24 is too short: "
                                   "max_length=24 leaves no room for text after the"),
 }
