@@ -131,7 +131,7 @@ sys.path.insert(0, ROOT)
 
 import bireco  # noqa: E402
 import hardware  # noqa: E402
-from data import TextFormat, load_pairs, read_jsonl  # noqa: E402
+from data import Batches, TextFormat, load_pairs, read_jsonl  # noqa: E402
 from model import ModelConfig, Transformer, load_model, load_tokenizer, save_model  # noqa: E402
 from tiny import left_pad  # noqa: E402  (this folder is on sys.path when run as a script)
 
@@ -627,9 +627,9 @@ def run_recipe(device, model_dir, peaks, report, seed, repeats):
             lens = [len(x) for x in enc] + [len(x) for x in tgt]
             flops1.setdefault(task, []).append(model_flops(ours, lens, sum(len(x) for x in tgt)))
     mean = lambda xs: sum(xs) / len(xs)
-    # each dataset's share of the batches (train.py's --mix) and each task's (--task-weights)
-    batches = {name: len(pairs) // s1["batch_size"] for name, pairs in data.items()}
-    share = [batches[n] / sum(batches.values()) if s1["mix"] == "size" else 1 / len(data) for n in data]
+    # each dataset's share of an epoch's batches as train.py plans them (--mix), and each task's (--task-weights)
+    plan = Batches(data, s1["batch_size"], seed, s1["mix"]).plan
+    share = [sum(n == name for n, _ in plan) / len(plan) for name in data]
     w = dict(zip(("d2q", "q2d"), (x / sum(s1["task_weights"]) for x in s1["task_weights"])))
     visit = lambda xs: sum(s * x for s, x in zip(share, xs))
     recipe_time = lambda side: sum(w[t] * visit(t1[f"{side} {t}"]) for t in w)
