@@ -230,8 +230,8 @@ class Decoding:
       also put the first target one real token after the anchor. With batches by dataset size,
       after 2,400 pairs 99-100% of held-out WordNet regenerations took their side's form in each
       of seeds 0-4, where the centred input wrote one form for both sides (experiments/README.md);
-      the form comes from the turn opening: seed 4 wrote it with a gap of zero (the others
-      +0.17 to +0.70 / +0.39 to +0.94). The batch's mean anchor beside it, to name the
+      the form comes from the turn opening: at lr 2e-4 seed 4 wrote it with a gap of zero (the
+      others +0.17 to +0.70 / +0.39 to +0.94). The batch's mean anchor beside it, to name the
       dataset, did not: at token scale the four cells' means are one vector (cosine 0.87-0.98).
     - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
       anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
