@@ -5,6 +5,7 @@ Evaluate checkpoints as text embedders through MTEB's own evaluators (paper: Eva
   python eval.py --model base/ --model run/latest    # side by side: rows metrics, columns models
   python eval.py --model DIR --tasks SciFact STS16   # any MTEB task (its data from the HF hub)
   python eval.py --model DIR --benchmark "MTEB(eng, v1)"
+  python eval.py --model DIR --show 3                # what it retrieves for 3 test queries a task
 
 - Embedding: the final hidden state at the EOS token (bireco.Embedder); cosine similarity.
 - Instructions: one per task, as "Instruct: {instruction}\\nQuery: {text}". Retrieval and reranking
@@ -57,6 +58,9 @@ arg("--output", default="results", help="mteb result folder")
 arg("--reconstruct", type=int, default=0, metavar="N",
     help="instead of scoring: N held-out pairs of the bundled tasks regenerated from their "
     "[EOS] vectors, then the gap (true vs another pair's anchor) and the form check")
+arg("--show", type=int, default=0, metavar="N",
+    help="instead of scoring: what the model retrieves for the first N queries of each bundled "
+    "task's --split, the top 3 of the split's corpus and the relevant document's rank")
 arg("--gap-pairs", type=int, default=128, metavar="N",
     help="--reconstruct: the gap and the form check over the split's first N pairs of each task, "
     "as train.py's reports; 0 = the whole split")
@@ -110,6 +114,30 @@ def reconstruction_report(path: str, names: list[str], args):
     print(f"\n{run_name(path)}:", *lines, sep="\n")
 
 
+def retrieval_samples(path: str, names: list[str], args):
+    """--show N: the first N queries of each bundled task's --split, each with the three documents
+    of the split's corpus nearest to it by cosine (* marks a relevant one) and the first relevant
+    document's rank, as nDCG@10 sees them."""
+    embedder = Embedder.from_pretrained(path, args.device, args.dtype, args.max_length)
+    print(f"\n{run_name(path)}:")
+    for name in names:
+        folder = data.BUNDLED_TASKS[name]
+        queries, corpus, qrels = data.read_split(os.path.join(ROOT, folder, args.split))
+        ids, asked = list(corpus), list(qrels)[:args.show]
+        docs = embedder.encode([corpus[d] for d in ids], batch_size=args.batch_size)
+        q = embedder.encode([queries[i] for i in asked], data.INSTRUCTIONS[folder], args.batch_size)
+        short = lambda text: " ".join(text.split())[:100]  # one line a document
+        for qid, row in zip(asked, q @ docs.T):
+            ranking = sorted(range(len(ids)), key=lambda i: -row[i])
+            first = next(r for r, i in enumerate(ranking) if ids[i] in qrels[qid])
+            print(f"\n{name} query: {queries[qid]}  (relevant at rank {first + 1} of {len(ids)})")
+            for r, i in enumerate(ranking[:3]):
+                mark = "*" if ids[i] in qrels[qid] else " "
+                print(f"  {r + 1}{mark} {row[i]:.3f}  {short(corpus[ids[i]])}")
+            if first >= 3:
+                print(f"  {first + 1}* {row[ranking[first]]:.3f}  {short(corpus[ids[ranking[first]]])}")
+
+
 def add_average(scores: dict, tasks: list, columns: list[str]):
     """MTEB's headline number, the mean main score over the tasks, as the row ("average", "main
     score") of scores[(task, metric)][column]; for the columns that score every task (BM25 scores
@@ -133,6 +161,8 @@ def print_table(scores: dict, columns: list[str]):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.show < 0 or args.reconstruct < 0:
+        parser.error("--show and --reconstruct take a count of 1 or more (0: score instead)")
     if args.gap_pairs < 0:
         parser.error(f"--gap-pairs must be 0 (the whole split) or more, got {args.gap_pairs}")
     for path in args.model or []:  # before the slow imports
@@ -155,12 +185,14 @@ def main(argv=None):
     args.device = device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = args.dtype == "auto"
     args.dtype = dtype = hardware.auto_dtype(device) if auto else getattr(torch, args.dtype)
-    if args.reconstruct:
+    if args.reconstruct or args.show:
+        flag = "--reconstruct" if args.reconstruct else "--show"
         if not bundled:
-            sys.exit("eval.py: --reconstruct reads the held-out pairs of the bundled tasks; "
-                     "none is among --tasks")
+            sys.exit(f"eval.py: {flag} reads the held-out splits of the bundled tasks; none is "
+                     "among --tasks")
         for path in args.model:
-            reconstruction_report(path, [t.metadata.name for t in bundled], args)
+            report = reconstruction_report if args.reconstruct else retrieval_samples
+            report(path, [t.metadata.name for t in bundled], args)
         return
     try:  # a folder results cannot be written to fails now, before any encoding
         os.makedirs(args.output, exist_ok=True)

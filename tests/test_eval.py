@@ -300,3 +300,38 @@ def test_average_of_bundled_and_mteb_tasks():
     one = {("SciFact", "ndcg_at_10"): {"model": 0.6}}
     ev.add_average(one, tasks[1:], ["model"])  # one task: no average row
     assert ("average", "main score") not in one
+
+
+def test_show_prints_the_nearest_documents(tiny_model_dir):
+    """--show 2: each query with the three nearest documents of the split's corpus, by cosine of
+    [EOS] vectors computed here one text at a time (no batching, no length sorting), the relevant
+    ones marked, and the first relevant document's rank."""
+    import torch
+
+    import bireco
+    import data
+    from model import load_model, load_tokenizer
+
+    proc = run_eval("--model", tiny_model_dir, "--show", "2", "--tasks", "WordNetSenseRetrieval",
+                    "--split", "validation", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    queries, corpus, qrels = data.read_split(os.path.join(ROOT, "wordnet", "validation"))
+    model = load_model(tiny_model_dir).eval()
+    fmt = data.TextFormat(*load_tokenizer(tiny_model_dir))
+    one = lambda instruction, text: torch.nn.functional.normalize(
+        bireco.embed_texts(model, fmt, [(instruction, text)])[0].float(), dim=-1)
+    with torch.no_grad():
+        ids = list(corpus)
+        docs = torch.stack([one(None, corpus[d]) for d in ids])
+        for qid in list(qrels)[:2]:
+            cos = docs @ one(data.INSTRUCTIONS["wordnet"], queries[qid])
+            ranking = cos.argsort(descending=True).tolist()
+            first = next(r for r, i in enumerate(ranking) if ids[i] in qrels[qid]) + 1
+            head = f"WordNetSenseRetrieval query: {queries[qid]}  (relevant at rank {first} of {len(ids)})"
+            lines = proc.stdout.split(head + "\n")[1].splitlines()
+            for r, i in enumerate(ranking[:3]):  # ties within float noise may swap: compare scores
+                rank, score, text = lines[r].split(None, 2)
+                assert rank == f"{r + 1}{'*' if ids[i] in qrels[qid] else ''}"
+                assert abs(float(score) - cos[i].item()) < 2e-3 and text == " ".join(corpus[ids[i]].split())[:100]
+            if first > 3:
+                assert lines[3].split(None, 1)[0] == f"{first}*"
