@@ -163,6 +163,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.show < 0 or args.reconstruct < 0:
         parser.error("--show and --reconstruct take a count of 1 or more (0: score instead)")
+    if args.show and args.reconstruct:
+        parser.error("--show and --reconstruct are two different reports: give one of them")
     if args.gap_pairs < 0:
         parser.error(f"--gap-pairs must be 0 (the whole split) or more, got {args.gap_pairs}")
     for path in args.model or []:  # before the slow imports
