@@ -126,16 +126,15 @@ def retrieval_samples(path: str, names: list[str], args):
         ids, asked = list(corpus), list(qrels)[:args.show]
         docs = embedder.encode([corpus[d] for d in ids], batch_size=args.batch_size)
         q = embedder.encode([queries[i] for i in asked], data.INSTRUCTIONS[folder], args.batch_size)
-        short = lambda text: " ".join(text.split())[:100]  # one line a document
         for qid, row in zip(asked, q @ docs.T):
             ranking = sorted(range(len(ids)), key=lambda i: -row[i])
             first = next(r for r, i in enumerate(ranking) if ids[i] in qrels[qid])
             print(f"\n{name} query: {queries[qid]}  (relevant at rank {first + 1} of {len(ids)})")
-            for r, i in enumerate(ranking[:3]):
+            top = list(range(min(3, len(ids))))
+            for r in top + ([first] if first not in top else []):  # the top 3, then the relevant one
+                i = ranking[r]
                 mark = "*" if ids[i] in qrels[qid] else " "
-                print(f"  {r + 1}{mark} {row[i]:.3f}  {short(corpus[ids[i]])}")
-            if first >= 3:
-                print(f"  {first + 1}* {row[ranking[first]]:.3f}  {short(corpus[ids[ranking[first]]])}")
+                print(f"  {r + 1}{mark} {row[i]:.3f}  {' '.join(corpus[ids[i]].split())[:100]}")
 
 
 def add_average(scores: dict, tasks: list, columns: list[str]):

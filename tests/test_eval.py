@@ -329,7 +329,7 @@ def test_show_prints_the_nearest_documents(tiny_model_dir):
             first = next(r for r, i in enumerate(ranking) if ids[i] in qrels[qid]) + 1
             head = f"WordNetSenseRetrieval query: {queries[qid]}  (relevant at rank {first} of {len(ids)})"
             lines = proc.stdout.split(head + "\n")[1].splitlines()
-            for r, i in enumerate(ranking[:3]):  # ties within float noise may swap: compare scores
+            for r, i in enumerate(ranking[:3]):
                 rank, score, text = lines[r].split(None, 2)
                 assert rank == f"{r + 1}{'*' if ids[i] in qrels[qid] else ''}"
                 assert abs(float(score) - cos[i].item()) < 2e-3 and text == " ".join(corpus[ids[i]].split())[:100]
