@@ -105,3 +105,39 @@ def test_gpu_check_quick_on_cpu():
     for metric in ("Stage I step, sum (s)", "encode, ours length-sorted", "MFU, Stage I sum step",
                    "Stage II cached step, 8 queries x 3 x 64 tokens (s)"):
         assert any(metric in r for r in rows), metric
+
+
+def test_eos_spread_matches_direct_counts(tiny_model_dir):
+    """experiments/eos_spread.py's figures against the same embeddings counted directly: the mean
+    cosine over every pair of different texts, the first principal direction's share from the
+    covariance's eigenvalues, and recall@10 from each query's full ranking."""
+    import importlib.util
+
+    import numpy as np
+
+    sys.path.insert(0, ROOT)
+    import data
+    from bireco import Embedder
+
+    spec = importlib.util.spec_from_file_location("eos_spread", os.path.join(ROOT, "experiments", "eos_spread.py"))
+    eos_spread = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eos_spread)
+    embedder = Embedder.from_pretrained(str(tiny_model_dir), max_length=64)
+    dd, qq, pc1, r10 = eos_spread.spread(embedder, "wordnet", "validation", 12)
+
+    queries, corpus, qrels = data.read_split(os.path.join(ROOT, "wordnet", "validation"))
+    ids, asked = list(corpus), list(qrels)[:12]
+    docs = embedder.encode([corpus[d] for d in ids])
+    q = embedder.encode([queries[i] for i in asked], data.INSTRUCTIONS["wordnet"])
+    pairs = [(i, j) for i in range(len(q)) for j in range(len(q)) if i != j]
+    assert abs(qq - np.mean([q[i] @ q[j] for i, j in pairs])) < 1e-5
+    cos = docs @ docs.T
+    assert abs(dd - (cos.sum() - np.trace(cos)) / (len(docs) * (len(docs) - 1))) < 1e-5
+    eig = np.linalg.eigvalsh(np.cov(docs.T))
+    assert abs(pc1 - eig[-1] / eig.sum()) < 1e-4
+    hits = 0
+    for qid, row in zip(asked, q @ docs.T):
+        best = sorted(range(len(ids)), key=lambda i: -row[i])[:10]
+        hits += any(ids[i] in qrels[qid] for i in best)
+    assert r10 == hits / len(asked)
+    assert 0 < pc1 < 1 and -1 <= dd <= 1
