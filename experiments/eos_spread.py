@@ -34,7 +34,7 @@ parser.add_argument("--max-length", type=int, default=64)
 def mean_off_diagonal(x):
     """Mean cosine between two different rows of unit vectors x."""
     n = len(x)
-    s = x.sum(0)
+    s = x.astype(np.float64).sum(0)  # |sum|^2 = n (the diagonal) + every off-diagonal pair
     return float((s @ s - n) / (n * (n - 1)))
 
 
@@ -45,7 +45,7 @@ def spread(embedder, folder, split, n):
     q = embedder.encode([queries[i] for i in asked], data.INSTRUCTIONS[folder])
     centred = docs - docs.mean(0)
     s = np.linalg.svd(centred, compute_uv=False) ** 2
-    top10 = np.argsort(-(q @ docs.T), axis=1)[:, :10]
+    top10 = np.argsort(-(q @ docs.T), axis=1, kind="stable")[:, :10]  # ties: corpus order
     hits = [any(ids[i] in qrels[qid] for i in row) for qid, row in zip(asked, top10)]
     return mean_off_diagonal(docs), mean_off_diagonal(q), float(s[0] / s.sum()), float(np.mean(hits))
 
