@@ -235,11 +235,17 @@ class Decoding:
       dataset, did not: at token scale the four cells' means are one vector (cosine 0.87-0.98).
     - shuffle (--shuffle-anchors): a control, not a method: each row decodes from the next pair's
       anchor (rolled by one), so Stage I fine-tunes the LM on the same texts for the same steps
-      with nothing to reconstruct from. Diagnostics centre over their batch too."""
+      with nothing to reconstruct from. Diagnostics centre over their batch too. At the sided
+      default it left every text's [EOS] vector at cosine 0.99 of every other (seed 0; 0.81-0.91
+      untrained or after the default Stage I), and Stage II started at chance.
+    - + detach (--shuffle-anchors detached): the same control with the gradient stopped at the
+      anchor, so the decoder's loss moves the [EOS] vectors only through the weights they share
+      with it, never towards what a foreign anchor should be."""
     sink_id: int | None = None
     centre: bool = False
     turn: bool = False
     shuffle: bool = False
+    detach: bool = False
     batch_mean: Callable | None = None  # under torchrun: the global batch's (hardware.global_mean)
 
     def read(self, anchor, W):
@@ -252,7 +258,7 @@ class Decoding:
     def prefix(self, anchor, W, prompt=(), roll: int = 0):
         """The decoder's input before the targets, (B, P, D): [sink,] the anchor read (rolled by
         `roll` rows: another pair's), [the prompt tokens]."""
-        B = len(anchor)
+        B, anchor = len(anchor), anchor.detach() if self.detach else anchor
         parts = [self.read(anchor, W).roll(roll, dims=0)[:, None].to(W.dtype)]
         if self.sink_id is not None:
             parts.insert(0, W[self.sink_id].expand(B, 1, -1))
@@ -274,12 +280,13 @@ class Decoding:
         sided = flags.get("anchor_input") == "sided"
         centred = sided or flags.get("anchor_input") == "centred"
         sink, centre = centred or flags.get("sink"), centred or flags.get("centre_anchors")
-        return cls(fmt.head[0] if sink and fmt.head else None, bool(centre), sided,
-                   bool(flags.get("shuffle_anchors")))
+        shuffle = flags.get("shuffle_anchors")  # True in runs saved before "detached" existed
+        return cls(fmt.head[0] if sink and fmt.head else None, bool(centre), sided, bool(shuffle),
+                   shuffle == "detached")
 
     def at_inference(self) -> "Decoding":
         """What shapes what a trained decoder reads (sink, centring, turn); no shuffling."""
-        return replace(self, shuffle=False, batch_mean=None)
+        return replace(self, shuffle=False, detach=False, batch_mean=None)
 
 
 PAPER = Decoding()

@@ -104,8 +104,9 @@ decoder.add_argument("--anchor-input", choices=["sided", "centred", "paper"],
                      "embeddings' norm, then the written side's chat-turn opening; centred: the "
                      "same without the turn opening; paper: the anchor itself at position 0 "
                      "(stage default)")
-decoder.add_argument("--shuffle-anchors", action="store_true",
-                     help="a control: each target decodes from another pair's anchor")
+decoder.add_argument("--shuffle-anchors", nargs="?", const="rolled", choices=["rolled", "detached"],
+                     help="a control: each target decodes from another pair's anchor; detached: "
+                     "with no gradient into that anchor")
 arg("--temperature", type=float, default=0.02, help="Stage II InfoNCE temperature")
 arg("--lora-rank", type=int, help="LoRA rank; 0 = full fine-tune (stage default)")
 arg("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / rank)")

@@ -16,6 +16,7 @@ Scores: nDCG@10 on both bundled retrieval tasks through eval.py (mteb), on --spl
   q2d-only, d2q-only, sum   Stage I with EBQ2D only, EBD2Q only, or both summed every batch
   control    the same Stage I with every target decoded from another pair's anchor: the LM
              fine-tuned on the same texts for the same steps, with nothing to reconstruct
+  control-detached   the same with no gradient into the other pair's anchor (bireco.Decoding)
 Arms are paired by seed: a seed fixes Stage II's data order and LoRA initialisation in every arm.
 The first seed's baseline and ours are also scored at --curve points along Stage II (the paper's
 early-convergence claim); the reconstruction diagnostic (target loss given the true vs a shuffled
@@ -46,7 +47,8 @@ from smollm2 import default_model_dir  # noqa: E402
 
 TASKS = data.BUNDLED_TASKS  # eval.py's bundled tasks: their data folders
 ABLATIONS = {"q2d-only": ["--task-weights", "0", "1"], "d2q-only": ["--task-weights", "1", "0"],
-             "sum": ["--mode", "sum"], "control": ["--shuffle-anchors"]}
+             "sum": ["--mode", "sum"], "control": ["--shuffle-anchors"],
+             "control-detached": ["--shuffle-anchors", "detached"]}
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t(0.975, df)
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -259,7 +261,7 @@ def report(results, path):
         print(f"| {arm} | " + " | ".join(cells) + f" | {len(by_seed)} |")
     base = finals.get("baseline", {})
     pairs = [(arm, "baseline") for arm in finals if arm != "baseline" and base]
-    pairs += [("ours", "control")] * ("ours" in finals and "control" in finals)
+    pairs += [("ours", c) for c in ("control", "control-detached") if "ours" in finals and c in finals]
     for arm, other in pairs:  # the paired differences, as rows of the same table
         paired = sorted(set(finals[arm]) & set(finals[other]))
         if paired:

@@ -466,6 +466,26 @@ def test_shuffled_anchor_control(model, fmt, rows):
                                    bireco.reconstruction_loss(model, anchor.roll(1, 0), t, m), **TOL)
 
 
+def test_detached_control(model, fmt, rows):
+    """--shuffle-anchors detached: the same loss as the rolled control, but no gradient reaches the
+    anchors (the rolled control's does); from_flags reads both spellings and a run saved before."""
+    anchor, tgt = anchors_and_targets(model, fmt, rows[:4])
+    t, m = pad(tgt, fmt.pad_id)
+    grads = {}
+    for detach in (False, True):
+        a = anchor.detach().clone().requires_grad_()
+        loss = bireco.reconstruction_loss(model, a, t, m, how=bireco.Decoding(shuffle=True, detach=detach))
+        loss.backward()
+        grads[detach] = (loss.detach(), a.grad)
+        model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(grads[True][0], grads[False][0], **TOL)
+    assert grads[True][1] is None and grads[False][1].abs().sum() > 0
+    for flag, want in ((True, (True, False)), ("rolled", (True, False)), ("detached", (True, True)), (None, (False, False))):
+        how = bireco.Decoding.from_flags({"anchor_input": "sided", "shuffle_anchors": flag}, fmt)
+        assert (how.shuffle, how.detach) == want, flag
+        assert not how.at_inference().detach
+
+
 def test_centred_anchors(model, fmt, rows):
     """Decoding(centre=True) decodes from anchor - batch mean, scaled to the token embeddings' mean
     norm; the diagnostics read the same way; the gradient through the anchors sums to zero over
