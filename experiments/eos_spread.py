@@ -16,13 +16,11 @@ import os
 import sys
 
 import numpy as np
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data  # noqa: E402
-from bireco import Embedder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import data  # noqa: E402
+from bireco import Embedder  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("models", nargs="+", help="checkpoint or model folders")
@@ -52,7 +50,6 @@ def spread(embedder, folder, split, n):
 
 if __name__ == "__main__":
     args = parser.parse_args()
-    torch.manual_seed(0)
     print(f"{args.split} split; {args.queries} queries a dataset, all documents; texts cut to "
           f"{args.max_length} tokens")
     print(f"{'model':<48} {'dataset':<9} {'doc-doc cos':>11} {'q-q cos':>8} {'PC1 share':>9} {'recall@10':>9}")
