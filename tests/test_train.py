@@ -86,14 +86,16 @@ def common(model, data, out, *extra):
 # CLI smoke runs
 
 
-@pytest.mark.parametrize("stage, loss_name, negatives", [
-    ("recon", "d2q", None),  # the 1 : 1 pattern: step 1 EBD2Q, step 2 EBQ2D
-    ("contrastive", "loss", 7),  # negatives/query = (B - 1) positives + B hard negatives
+@pytest.mark.parametrize("stage, loss_name, negatives, lr_share", [
+    ("recon", "d2q", None, 1),  # the 1 : 1 pattern: step 1 EBD2Q, step 2 EBQ2D; warmup 2 x 40 / 150 -> 1,
+                                # so step 2 is the peak
+    ("contrastive", "loss", 7, 0.5),  # negatives/query = (B - 1) positives + B hard negatives; no warmup
+                                      # (a tenth of 2 rounds to 0), so step 2 is half decayed
 ], ids=["recon", "contrastive"])
-def test_cli_two_steps(stage, loss_name, negatives, tiny_model_dir, tiny_data_dir, tmp_path):
+def test_cli_two_steps(stage, loss_name, negatives, lr_share, tiny_model_dir, tiny_data_dir, tmp_path):
     import transformers
 
-    lr = train.STAGE_DEFAULTS[stage]["lr"] / 2  # 2 steps: no warmup (a tenth of 2 rounds to 0), half decayed
+    lr = train.STAGE_DEFAULTS[stage]["lr"] * lr_share
 
     out = tmp_path / "run"
     proc = run_cli("--stage", stage, "--model", tiny_model_dir, "--data", tiny_data_dir, "--steps", "2",
