@@ -50,10 +50,10 @@ STAGE_DEFAULTS = {
                         # unread (held-out gap ~0 after 4,800 pairs); centred after a real token,
                         # the gap opens but the decoder writes the wrong side; sided: told which
                         # side it writes (bireco.Decoding, experiments/README.md)
-        lr=4e-4,        # paper 4e-5 at batch 512-1,024; at 2e-4 the gap opened at step 30-110
-                        # by seed, in one of five not by 150; at 4e-4 at step 20-80, and 0.3 was
-                        # passed in every required cell in four seeds of five (two at 2e-4)
-        steps=150,      # paper 2,000: 2,400 pairs, 27.5 min in fp32 on a 2-core CPU
+        lr=4e-4,        # paper 4e-5 at batch 512-1,024; in fp32, peak at step 15: at 2e-4 the gap
+                        # opened at step 30-110 by seed, in one of five not by 150; at 4e-4 at step
+                        # 20-80 (with the peak at step 40 and bf16: 30-60; WARMUP_SHARE)
+        steps=150,      # paper 2,000: 2,400 pairs, 12.3-12.5 min in bf16 (27.5 in fp32) on 2 cores
         batch_size=16,  # paper 512-1,024: what a CPU step affords
         mix="size",     # as the official code's loader: with the equal mix (every other batch a
                         # man page) the gap was still zero after 4,000 pairs
